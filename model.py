@@ -19,11 +19,32 @@ CHAT_TEMPLATE_FILE = Path(__file__).resolve().parent / "assets" / "qwen3_vl_chat
 
 # Qwen2/Qwen3 special tokens, in the id order of the real tokenizer (151643 onwards).
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 # Tokens the tokenizer treats as control tokens (never split, dropped by skip_special_tokens).
 _CONTROL_TOKENS = {t for t in QWEN_SPECIAL_TOKENS if t.startswith("<|")}
@@ -95,19 +116,41 @@ def tiny_config():
     from transformers import Qwen3VLConfig
 
     text = dict(
-        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
         rope_scaling={"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"},
-        rope_theta=5000000, bos_token_id=151643, eos_token_id=151645,
+        rope_theta=5000000,
+        bos_token_id=151643,
+        eos_token_id=151645,
     )
     vision = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[0],
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[0],
         hidden_act="gelu_pytorch_tanh",
     )
     return Qwen3VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=151655,
-        video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=True,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
     )
 
 
@@ -124,8 +167,14 @@ def build_qwen_tokenizer():
     for token in set(QWEN_SPECIAL_TOKENS) - _CONTROL_TOKENS:
         backend.add_tokens([AddedToken(token, special=False, normalized=False)])
     tokenizer = Qwen2Tokenizer(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-        unk_token=None, model_max_length=262144, errors="replace", add_prefix_space=False,
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        model_max_length=262144,
+        errors="replace",
+        add_prefix_space=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATE_FILE.read_text()
     return tokenizer
@@ -141,7 +190,9 @@ def build_tiny_processor(min_pixels: int = 32 * 32, max_pixels: int = 128 * 128)
     )
     video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     return Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=build_qwen_tokenizer(), video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=build_qwen_tokenizer(),
+        video_processor=video_processor,
         chat_template=CHAT_TEMPLATE_FILE.read_text(),
     )
 

@@ -16,7 +16,11 @@ from pathlib import Path
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 MODALITIES = (
-    "Computed Tomography", "Magnetic Resonance Imaging", "Digital Photography", "Microscopy Images", "X-Ray",
+    "Computed Tomography",
+    "Magnetic Resonance Imaging",
+    "Digital Photography",
+    "Microscopy Images",
+    "X-Ray",
     "Ultrasound",
 )
 BODY_PARTS = ("Chest", "Brain", "Abdomen", "Knee", "Cell", "Skin")
@@ -30,9 +34,11 @@ def _question(n_images: int) -> str:
 
 
 def _answer(picks: list[tuple[str, str]]) -> str:
-    return " ".join(f"Image {i + 1}: a {shape} on {colour}." for i, (colour, shape) in enumerate(picks)) if len(
-        picks
-    ) > 1 else f"A {picks[0][1]} on {picks[0][0]}."
+    return (
+        " ".join(f"Image {i + 1}: a {shape} on {colour}." for i, (colour, shape) in enumerate(picks))
+        if len(picks) > 1
+        else f"A {picks[0][1]} on {picks[0][0]}."
+    )
 
 
 def make_records(num_records: int, seed: int = 0, multi_image_fraction: float = 0.2) -> Iterator[tuple[dict, list]]:
@@ -88,7 +94,7 @@ def write_dataset(
     records = []
     for record, picks in make_records(num_records, seed, multi_image_fraction):
         if with_images:
-            for rel_path, (colour, shape) in zip(record["image"], picks):
+            for rel_path, (colour, shape) in zip(record["image"], picks, strict=True):
                 draw_image(colour, shape, image_size, rng).save(output_dir / rel_path, quality=90)
         records.append(record)
     json_path = output_dir / JSON_NAME

@@ -9,7 +9,9 @@ from model import TIED_LM_HEAD, Qwen3VLModel
 def test_tiny_processor_uses_real_template_and_qwen_token_ids(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     tok = processor.tokenizer
-    ids = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
+    ids = tok.convert_tokens_to_ids(
+        ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    )
     assert ids == [151644, 151645, 151652, 151653, 151655]
     assert tok("Hello world").input_ids == [9707, 1879]  # Qwen's real BPE
     messages = [
