@@ -41,6 +41,7 @@ def download_from_hub(repo_id: str, output_dir: Path, revision: str | None, max_
     import huggingface_hub
 
     print(f"Downloading {repo_id} (dataset) from the Hugging Face Hub into {output_dir} ...")
+    output_dir.mkdir(parents=True, exist_ok=True)
     try:
         huggingface_hub.snapshot_download(
             repo_id=repo_id,

@@ -24,6 +24,7 @@ DEFAULT_REPO_ID = "FreedomIntelligence/PubMedVision"
 DEFAULT_DATA_FILE = "PubMedVision/PubMedVision_InstructionTuning_VQA.json"
 IMAGE_TOKEN = "<image>"
 MAX_LISTED = 5  # problems listed by id before "... and N more"
+MAX_MIX = 7  # modalities named in a site's summary before "other"
 
 
 class PrepareError(Exception):
@@ -249,11 +250,12 @@ def split_indices(
 
 
 def summarize(name: str, records: list, indices: list[int]) -> str:
-    """One line: record and image counts, then the modality mix in percent (top 5)."""
+    """One line: record and image counts, then the modality mix in percent (the top MAX_MIX groups)."""
     mix = Counter(group_key(records[i]) for i in indices)
     images = sum(len(record_images(records[i])) for i in indices)
-    parts = [f"{key} {100 * count / len(indices):.0f}%" for key, count in mix.most_common(5)]
-    rest = len(indices) - sum(count for _, count in mix.most_common(5))
+    top = mix.most_common(len(mix) if len(mix) <= MAX_MIX + 1 else MAX_MIX)
+    parts = [f"{key} {100 * count / len(indices):.0f}%" for key, count in top]
+    rest = len(indices) - sum(count for _, count in top)
     if rest:
         parts.append(f"other {100 * rest / len(indices):.0f}%")
     return f"  {name:<8} {len(indices):>9,} records {images:>9,} images | {', '.join(parts)}"
