@@ -174,6 +174,8 @@ def test_dirichlet_skews_modalities_far_more_than_iid(records_3000, tmp_path):
     assert len(site_ids) == len(set(site_ids)) == 2700  # dirichlet keeps every non-test record
     assert not set(test) & set(site_ids) and len(test) == 300
     assert "Ultrasound" in result.stdout  # the summary names the modality mix
+    mixed = [[r["modality"] for r in site] for site in skewed if len({r["modality"] for r in site}) > 1]
+    assert mixed and all(order != sorted(order) for order in mixed)  # shuffled, not grouped by modality
 
 
 def test_dirichlet_subset_caps_sites_and_falls_back_to_body_part():
