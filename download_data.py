@@ -250,8 +250,9 @@ def unzip_archives(output_dir: Path) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
-            "Download PubMedVision (JSON files + images_*.zip archives, about 57 GB) and unzip the archives "
-            "flat into <output_dir>/images/. Reruns resume the download and skip archives already extracted."
+            "Download PubMedVision (JSON files + images_0..19.zip, about 57 GB) and unzip the archives flat "
+            "into <output_dir>/images/ (about as much again: plan for ~120 GB free). Reruns resume the download "
+            "and skip archives already extracted; free space is checked before extracting."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -334,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
             "with --seed. iid: equal sizes, floor(records / num_clients) each, the remainder is dropped. "
             "dirichlet: for each modality (else body_part) the site shares are drawn from Dirichlet(alpha), like "
             "hospitals with different equipment; site sizes then differ (not trimmed, as trimming to the smallest "
-            "site would waste most data at small alpha) and --subset_size caps each site."
+            "site would waste most data at small alpha) and --subset_size caps each site. All input is checked "
+            "before anything is written; files are replaced atomically, and a test.json from an earlier run is "
+            "removed when --test_size is 0 (it could overlap the new sites)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
