@@ -395,3 +395,11 @@ def test_jsonl_input_is_accepted(source, tmp_path):
     out = tmp_path / "data"
     assert run_prepare("--data_file", str(jsonl), "--output_dir", str(out), "--num_clients", "2").returncode == 0
     assert [len(s) for s in site_files(out, 2)] == [60, 60]
+
+
+def test_rerun_without_test_size_removes_the_stale_test_file(source, earlier_outputs):
+    out, before = earlier_outputs
+    assert out / "test.json" in before
+    result = run_prepare("--data_file", str(source), "--output_dir", str(out), "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "test.json").exists() and "Removed" in result.stdout
