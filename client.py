@@ -1,0 +1,171 @@
+"""One site of the federated job: receive the global Qwen3-VL, fine-tune it on the site's shard, send it back.
+
+NVFlare launches this under torchrun (one torchrun per site). Rank 0 alone talks to the server; it tells the other
+ranks what to do (train round N, or stop) with `broadcast_object_list`, and the trainer broadcasts the received
+weights to them in place. Every rank trains. Rank 0 sends the updated weights in bf16 with metrics the server
+weighs by (`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights,
+only the error in its meta, so the average ignores it; the site tries again next round.
+
+Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints, the latest round's checkpoint),
+`--save_sent` (also keep exactly what was sent each round under <work_dir>/sent, for checks); all others go to the
+trainer (`local_trainer.parse_train_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import nvflare.client as flare
+import torch
+import torch.distributed as dist
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.client.tracking import SummaryWriter
+
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trainer", choices=("builtin", "qwen"), default="builtin")
+    parser.add_argument("--work_dir", default=None, help="checkpoint folder (default: ./qwen3vl_checkpoints)")
+    parser.add_argument("--save_sent", action="store_true", help="keep the weights sent each round (sent/round-N)")
+    return parser.parse_known_args(argv)
+
+
+def build_trainer(kind: str, train_argv: list[str]):
+    if kind == "qwen":
+        import qwen_official  # needs $QWEN3VL_ROOT; imported only when chosen
+
+        return qwen_official.QwenOfficialTrainer(qwen_official.parse_train_args(train_argv))
+    from local_trainer import LocalTrainer, parse_train_args
+
+    return LocalTrainer(parse_train_args(train_argv))
+
+
+def broadcast(obj):
+    """`obj` from rank 0 on every rank."""
+    if WORLD_SIZE == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(error: str | None) -> str | None:
+    """The first rank's error, on every rank, so all ranks agree whether the round failed."""
+    if WORLD_SIZE == 1:
+        return error
+    errors = [None] * WORLD_SIZE
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def hint(error: str) -> str:
+    if "OutOfMemory" in error or "out of memory" in error:
+        return "lower --per_device_train_batch_size or --max_pixels, raise --gradient_accumulation_steps"
+    if "FileNotFound" in error or "No such file" in error or "JSONDecodeError" in error or "train.json" in error:
+        return "check --data_dir/--image_root; python prepare_data.py writes <data_dir>/site-N/train.json"
+    return "see the traceback above in this site's log"
+
+
+def save_round(work_dir: Path, round_num: int, trainer, sent: dict | None, metrics: dict, keep_sent: bool) -> None:
+    """Checkpoint the latest round only (disk use stays flat); optionally keep exactly what was sent."""
+    ckpt = work_dir / f"round-{round_num}"
+    trainer.save_checkpoint(str(ckpt))
+    if RANK != 0:
+        return
+    (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
+    for old in work_dir.glob("round-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+    if keep_sent and sent is not None:
+        from safetensors.torch import save_file
+
+        sent_dir = work_dir / "sent"
+        sent_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sent.items()}, str(sent_dir / f"round-{round_num}.safetensors"))
+        (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
+
+
+def _exit_on_sigterm(*_) -> None:
+    print(f"rank {RANK}: SIGTERM, exiting", flush=True)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, train_argv = parse_args(argv)
+    if WORLD_SIZE > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    work_dir = Path(args.work_dir or Path.cwd() / "qwen3vl_checkpoints").resolve()
+    site, writer = None, None
+    if RANK == 0:
+        flare.init(rank="0")
+        site = flare.get_site_name()
+        writer = SummaryWriter()
+        work_dir.mkdir(parents=True, exist_ok=True)
+    site = broadcast(site)
+    # If NVFlare has to SIGTERM us (no orderly SHUTDOWN in time), leave at once: NVFlare's messaging threads
+    # would keep a normal interpreter exit waiting until the SIGKILL.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    trainer = None
+    while True:
+        global_model = flare.receive() if RANK == 0 else None
+        round_num = broadcast(None if global_model is None else global_model.current_round)
+        if round_num is None:
+            break
+
+        error, result, start = None, None, time.time()
+        try:
+            if trainer is None:  # built on first use, and rebuilt after a failed build (e.g. data fixed)
+                trainer = build_trainer(args.trainer, train_argv)
+            global_state = global_model.params if RANK == 0 else None
+            if global_model is not None:
+                global_model.params = None  # the trainer holds the only reference: no extra copy lives on
+            result = trainer.train_round(global_state)
+            del global_state
+        except Exception as e:  # any failure, OOM included: report it and stay in the federation
+            traceback.print_exc()
+            error = f"rank {RANK}: {type(e).__name__}: {e}"
+        error = first_error(error)
+
+        if error is None:
+            metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            metrics.setdefault("seconds", time.time() - start)
+            try:
+                save_round(work_dir, round_num, trainer, result.state_dict, metrics, args.save_sent)
+            except Exception as e:
+                print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
+        if RANK == 0:
+            if error is None:
+                out = FLModel(
+                    params_type=ParamsType.FULL,
+                    params=result.state_dict,
+                    metrics=metrics,
+                    meta={"NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
+                )
+                print(f"site={site} round={round_num}: sent {len(out.params)} tensors, metrics {metrics}", flush=True)
+                for key in ("loss", "samples", "steps", "seconds"):
+                    if key in metrics:
+                        writer.add_scalar(f"train_{key}", metrics[key], round_num)
+            else:
+                print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
+                print(f"site={site} round={round_num}: sent weight 0 (after error) {hint(error)}", flush=True)
+                out = FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
+            flare.send(out)
+        result = global_model = out = None
+
+    if WORLD_SIZE > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

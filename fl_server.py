@@ -1,0 +1,144 @@
+"""Server side of the federated job: fp32 sample-weighted FedAvg, and a persistor that exports the global model.
+
+`SampleWeightedFedAvg` sums the sites' bf16 weights in fp32, each weighted by the samples it trained on; a site that
+failed (weight 0 or `ERROR` in its meta) is left out, and when no site contributes the global model stays as it was.
+Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
+
+`QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, optional start from a
+saved `FL_global_model.pt`) that, when the run ends, also writes the global model as a Hugging Face directory
+(weights plus processor) that `Qwen3VLForConditionalGeneration.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+SITE_METRICS_FILE = "site_metrics.json"
+HF_DIR_NAME = "hf_global_model"
+NUM_SAMPLES = "NUM_SAMPLES"
+
+
+def _atomic_write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class SampleWeightedFedAvg(ModelAggregator):
+    """FedAvg in fp32, weighted by `metrics["samples"]`; failed sites (weight 0, `ERROR` meta) are ignored."""
+
+    def __init__(self, weight_key: str = "samples"):
+        super().__init__()
+        self.weight_key = weight_key
+        self._sum: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._total = 0.0
+        self._loss_sum = 0.0
+        self._round_records: list[dict] = []
+        self._history: list[dict] = []
+
+    def reset_stats(self) -> None:
+        self._sum, self._dtypes, self._total, self._loss_sum, self._round_records = {}, {}, 0.0, 0.0, []
+
+    def accept_model(self, model: FLModel) -> None:
+        meta, metrics = model.meta or {}, model.metrics or {}
+        site = meta.get("client_name", "unknown")
+        weight = float(metrics.get(self.weight_key, meta.get(NUM_SAMPLES, 0)) or 0)
+        error = meta.get("ERROR")
+        record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
+        record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds") if k in metrics})
+        if error or weight <= 0 or not model.params:
+            self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
+        else:
+            record["weight"] = weight
+            self._add(model.params, weight)
+            self._total += weight
+            if "loss" in metrics:
+                self._loss_sum += weight * float(metrics["loss"])
+            self.info(f"{site}: accepted with weight {weight} (loss {metrics.get('loss')})")
+        self._round_records.append(record)
+
+    def _add(self, params: dict, weight: float) -> None:
+        for name, value in params.items():
+            value = torch.as_tensor(value)
+            if name not in self._sum:
+                self._dtypes[name] = value.dtype
+                self._sum[name] = value.to(torch.float32, copy=True).mul_(weight)
+            else:
+                self._sum[name].add_(value.to(torch.float32), alpha=weight)
+
+    def aggregate_model(self) -> FLModel:
+        self._history.extend(self._round_records)
+        self._write_history()
+        if self._total <= 0:
+            self.warning("no site contributed this round: the global model stays as it was")
+            # An empty DIFF leaves the controller's global model untouched.
+            return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
+        params = {}
+        for name in list(self._sum):
+            params[name] = self._sum.pop(name).div_(self._total).to(self._dtypes[name])
+        contributing = sum(1 for r in self._round_records if r["weight"] > 0)
+        metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
+        self.info(f"averaged {contributing} site(s) over {self._total:g} samples in fp32")
+        result = FLModel(
+            params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
+        )
+        self.reset_stats()
+        return result
+
+    def _write_history(self) -> None:
+        app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
+        if app_root:
+            _atomic_write_json(Path(app_root) / SITE_METRICS_FILE, self._history)
+
+
+class QwenPersistor(PTFileModelPersistor):
+    """Atomic `FL_global_model.pt` every round; a Hugging Face directory of the global model when the run ends."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        source_ckpt_file_full_name: str | None = None,
+        hf_dir_name: str = HF_DIR_NAME,
+    ):
+        super().__init__(
+            model={"path": "model.Qwen3VLModel", "args": {"model_name_or_path": model_name_or_path}},
+            source_ckpt_file_full_name=source_ckpt_file_full_name,
+            allow_numpy_conversion=False,  # bf16 has no NumPy dtype
+            load_device="cpu",
+        )
+        self.model_name_or_path = model_name_or_path
+        self.hf_dir_name = hf_dir_name
+
+    def handle_event(self, event: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event, fl_ctx)
+        if event == EventType.END_RUN and self.persistence_manager is not None:
+            try:
+                path = self.export_hf(Path(self.log_dir) / self.hf_dir_name)
+                self.log_info(fl_ctx, f"global model exported as a Hugging Face directory: {path}")
+            except Exception as e:  # the .pt checkpoint is already safe; report and let the run end
+                self.log_exception(fl_ctx, f"Hugging Face export failed: {e}")
+
+    def export_hf(self, output_dir: Path) -> Path:
+        """Write the current global weights with the base model's config and processor to `output_dir`."""
+        from transformers import AutoProcessor
+
+        self.model.load_state_dict(self.persistence_manager.var_dict)
+        tmp = output_dir.with_name(output_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.model.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(self.model_name_or_path).save_pretrained(tmp)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.replace(tmp, output_dir)
+        return output_dir

@@ -1,0 +1,304 @@
+"""Build and run the federated Qwen3-VL fine-tuning job (NVFlare FedAvg, one torchrun per site), then say where
+the global model, the loss plot and the logs are.
+
+  python job.py --demo                                   # tiny model + synthetic data, 3 sites x 2 rounds on CPU
+  python job.py --num_rounds 3 --max_steps 100           # real run: ./data/site-N/train.json, ./PubMedVision/images
+  python job.py --export ./exported_job                  # write the job folder only (nvflare job submit ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+JOB_NAME = "qwen3-vl"
+DEMO_DIR = HERE / "demo"
+# Files each site needs next to client.py (qwen_official.py only when it exists).
+CLIENT_FILES = ("local_trainer.py", "model.py", "qwen_official.py")
+SERVER_FILES = ("fl_server.py", "model.py")
+
+
+def define_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--demo", action="store_true", help="tiny model + synthetic data under ./demo, 3 sites x 2 rounds")
+    p.add_argument("--n_clients", type=int, default=3, help="number of sites (site-1 .. site-N)")
+    p.add_argument("--num_rounds", type=int, default=None, help="FL rounds (default 3; 2 with --demo)")
+    p.add_argument("--data_dir", default="./data", help="folder with site-N/train.json (python prepare_data.py)")
+    p.add_argument("--image_root", default="PubMedVision", help="folder the records' image paths are relative to")
+    p.add_argument("--model_name_or_path", default="Qwen/Qwen3-VL-2B-Instruct", help="Hub ID or local HF directory")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps per round (omit: one epoch per round)")
+    p.add_argument("--learning_rate", default="5e-7", help="peak learning rate of each round")
+    p.add_argument("--trainer", choices=("builtin", "qwen"), default="builtin", help="local_trainer.py or Qwen's code")
+    p.add_argument(
+        "--train_args",
+        default="",
+        help='flags added to every site\'s client.py: --train_args="--per_device_train_batch_size 2"',
+    )
+    p.add_argument("--gpu", default=None, help='GPU groups per site, e.g. "[0],[1],[2]" or "[0,1],[2,3]"')
+    p.add_argument("--nproc_per_client", type=int, default=1, help="torchrun processes per site (without --gpu)")
+    p.add_argument("--master_port", type=int, default=29500, help="site-i uses master_port + i")
+    p.add_argument("--workspace", default="/tmp/nvflare/simulation", help="simulator workspace root (--env sim)")
+    p.add_argument("--env", choices=("sim", "poc", "prod"), default="sim", help="where the job runs")
+    p.add_argument("--startup_kit", default=None, help="admin startup kit folder (--env prod)")
+    p.add_argument("--export", default=None, metavar="DIR", help="write the job folder to DIR and stop")
+    p.add_argument("--resume_from", default=None, help="FL_global_model.pt of an earlier run as initial weights")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without WANDB_API_KEY)")
+    t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
+    t.add_argument("--launch_timeout", type=float, default=1800, help="site process start-up to first contact")
+    t.add_argument("--get_task_timeout", type=float, default=1800, help="client waiting for the global model")
+    t.add_argument("--submit_task_result_timeout", type=float, default=1800, help="client uploading its weights")
+    t.add_argument("--tensor_min_download_timeout", type=float, default=1800, help="lifetime of a tensor transfer")
+    t.add_argument("--streaming_per_request_timeout", type=float, default=600, help="one streamed chunk request")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ per-site commands
+
+
+def site_devices(args: argparse.Namespace) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per site: "0,1" for GPUs, "" for CPU, None to leave it to the site (prod)."""
+    if args.gpu is not None:
+        groups = re.findall(r"\[([^\]]*)\]", args.gpu)
+        if len(groups) != args.n_clients or not all(g.strip() for g in groups):
+            raise SystemExit(
+                f'error: --gpu "{args.gpu}" has {len(groups)} group(s) for --n_clients {args.n_clients}; '
+                'give one non-empty group per site, e.g. "[0],[1],[2]" or "[0,1],[2,3],[4,5]"'
+            )
+        return [",".join(x.strip() for x in g.split(",")) for g in groups]
+    if args.env == "prod" or args.export:
+        return [None] * args.n_clients
+    import torch
+
+    if not torch.cuda.is_available():
+        return [""] * args.n_clients
+    n = args.nproc_per_client
+    return [",".join(str(i * n + j) for j in range(n)) for i in range(args.n_clients)]
+
+
+def site_command(index: int, devices: str | None, nproc: int, args: argparse.Namespace) -> str:
+    """torchrun for one site; NVFlare runs it without a shell, so the environment goes through `env`."""
+    local = args.env != "prod" and not args.export
+    env = []
+    if devices is not None:
+        env.append(f"CUDA_VISIBLE_DEVICES={devices}")
+    if devices == "" and local:
+        # CPU sites share this machine's cores: one torch thread pool per core share, not one per core each.
+        threads = max(1, (os.cpu_count() or 1) // (args.n_clients * nproc))
+        env.append(f"OMP_NUM_THREADS={threads}")
+    python = sys.executable if local else "python3"
+    torchrun = (
+        f"{python} -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc} "
+        f"--master_addr=127.0.0.1 --master_port={args.master_port + index}"
+    )
+    return f"env {' '.join(env)} {torchrun}" if env else torchrun
+
+
+def site_train_args(args: argparse.Namespace, site_dir: Path) -> str:
+    schedule = ["--max_steps", str(args.max_steps)] if args.max_steps else ["--num_train_epochs", "1"]
+    flags = [
+        "--trainer", args.trainer,
+        "--model_name_or_path", args.model_name_or_path,
+        "--dataset_use", str(site_dir),
+        "--image_root", str(Path(args.image_root).resolve()),
+        "--learning_rate", str(args.learning_rate),
+        *schedule,
+        "--report_to", "none",
+    ]  # fmt: skip
+    return shlex.join(flags) + (" " + args.train_args if args.train_args else "")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def prepare_demo(args: argparse.Namespace) -> None:
+    """Point the run at ./demo (tiny model, synthetic shards), building what is missing."""
+    model_dir, raw_dir, data_dir = DEMO_DIR / "tiny-qwen3-vl", DEMO_DIR / "PubMedVision", DEMO_DIR / "data"
+    if not (model_dir / "config.json").exists():
+        from model import build_tiny_model
+
+        print(f"Building the tiny random Qwen3-VL in {model_dir} ...")
+        build_tiny_model(model_dir)
+    if not all((data_dir / f"site-{i}" / "train.json").exists() for i in range(1, args.n_clients + 1)):
+        import prepare_data
+        from synthetic_data import write_dataset
+
+        print(f"Writing synthetic PubMedVision-style data to {raw_dir} and splitting it into {args.n_clients} sites")
+        json_path = write_dataset(raw_dir, num_records=24 * args.n_clients, seed=0)
+        argv = ["--data_file", str(json_path), "--output_dir", str(data_dir), "--num_clients", str(args.n_clients)]
+        if prepare_data.main(argv) != 0:
+            raise SystemExit("error: splitting the demo data failed (see above)")
+    args.model_name_or_path, args.data_dir, args.image_root = str(model_dir), str(data_dir), str(raw_dir)
+    args.learning_rate = "1e-3"
+    args.workspace = str(DEMO_DIR / "workspace")
+    demo_flags = "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_pixels 4096 --min_pixels 1024"
+    args.train_args = f"{demo_flags} --model_max_length 512 --warmup_ratio 0 {args.train_args}".strip()
+
+
+def check_inputs(args: argparse.Namespace) -> list[Path]:
+    """The site folders, or exit naming what is missing and how to make it."""
+    data_dir = Path(args.data_dir).resolve()
+    sites = [data_dir / f"site-{i}" for i in range(1, args.n_clients + 1)]
+    local = args.env != "prod" and not args.export  # prod/export: the paths live on the sites' machines
+    missing = [s.name for s in sites if not (s / "train.json").is_file()]
+    if local and missing:
+        raise SystemExit(
+            f"error: --data_dir {data_dir} has no train.json for {', '.join(missing)}. "
+            f"Run `python prepare_data.py --output_dir {args.data_dir} --num_clients {args.n_clients}` first "
+            "(or `python job.py --demo` for synthetic data)."
+        )
+    if args.resume_from and local and not Path(args.resume_from).is_file():
+        raise SystemExit(f"error: --resume_from {args.resume_from} is not a file (expected an FL_global_model.pt)")
+    if args.env == "prod" and not args.export and not args.startup_kit:
+        raise SystemExit("error: --env prod needs --startup_kit (the admin's startup kit folder)")
+    if args.nproc_per_client < 1 or args.n_clients < 1 or args.num_rounds < 1:
+        raise SystemExit("error: --n_clients, --num_rounds and --nproc_per_client must be at least 1")
+    return sites
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def build_recipe(args: argparse.Namespace, sites: list[Path]):
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.recipe import add_experiment_tracking, set_per_site_config
+
+    from fl_server import QwenPersistor, SampleWeightedFedAvg
+
+    names = [s.name for s in sites]
+    resume = str(Path(args.resume_from).resolve()) if args.resume_from else None
+    recipe = FedAvgRecipe(
+        name=JOB_NAME,
+        min_clients=args.n_clients,
+        num_rounds=args.num_rounds,
+        model_persistor=QwenPersistor(args.model_name_or_path, source_ckpt_file_full_name=resume),
+        aggregator=SampleWeightedFedAvg(),
+        train_script=str(HERE / "client.py"),
+        launch_external_process=True,
+        server_expected_format=ExchangeFormat.PYTORCH,  # NumPy has no bf16
+        launch_timeout=args.launch_timeout,
+        shutdown_timeout=60.0,  # let the sites leave after NVFlare's SHUTDOWN instead of being SIGTERMed
+        key_metric="",
+    )
+    per_site = {}
+    for i, (site, devices) in enumerate(zip(sites, site_devices(args), strict=True), start=1):
+        nproc = len(devices.split(",")) if devices else args.nproc_per_client
+        command = site_command(i, devices, nproc, args)
+        per_site[site.name] = {"train_args": site_train_args(args, site), "command": command}
+    set_per_site_config(recipe, per_site)
+    for name in CLIENT_FILES:
+        if (HERE / name).exists():
+            recipe.add_client_file(str(HERE / name), clients=names)
+    for name in SERVER_FILES:
+        recipe.add_server_file(str(HERE / name))
+    transfer = {"tensor_min_download_timeout": args.tensor_min_download_timeout}
+    recipe.add_client_config(
+        {"get_task_timeout": args.get_task_timeout, "submit_task_result_timeout": args.submit_task_result_timeout}
+        | transfer
+        | {"streaming_per_request_timeout": args.streaming_per_request_timeout},
+        clients=names,
+    )
+    recipe.add_server_config(transfer | {"streaming_per_request_timeout": args.streaming_per_request_timeout})
+    add_experiment_tracking(recipe, "tensorboard")
+    if args.wandb:
+        wandb_args = {"name": "qwen3-vl-fedavg", "project": "nvflare", "group": "nvidia", "job_type": "training"}
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        add_experiment_tracking(recipe, "wandb", {"wandb_args": wandb_args, "mode": mode})
+    return recipe
+
+
+def make_env(args: argparse.Namespace, names: list[str]):
+    from nvflare.recipe import PocEnv, ProdEnv, SimEnv
+
+    if args.env == "poc":
+        return PocEnv(clients=names)
+    if args.env == "prod":
+        return ProdEnv(startup_kit_location=str(Path(args.startup_kit).resolve()))
+    return SimEnv(clients=names, num_threads=len(names), workspace_root=str(Path(args.workspace).resolve()))
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def find_outputs(root: Path) -> dict[str, list[Path]]:
+    """Everything worth pointing at under a finished job's workspace (simulator) or downloaded result."""
+    return {
+        "global model (.pt)": sorted(root.rglob("FL_global_model.pt")),
+        "global model (Hugging Face dir)": sorted(p.parent for p in root.rglob("hf_global_model/config.json")),
+        "per-site metrics": sorted(root.rglob("site_metrics.json")),
+        "TensorBoard logs": sorted(root.rglob("tb_events")),
+        "site and server logs": sorted(root.rglob("log.txt")),
+    }
+
+
+def plot_losses(metrics_file: Path, png: Path) -> Path:
+    """Training loss per site per round, from the aggregator's site_metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = json.loads(metrics_file.read_text())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for site in sorted({r["site"] for r in records}):
+        points = sorted((r["round"], r["loss"]) for r in records if r["site"] == site and r.get("loss") is not None)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=site)
+    ax.set(xlabel="FL round", ylabel="training loss", title="Qwen3-VL federated fine-tuning: local loss per site")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def report(root: Path) -> int:
+    outputs = find_outputs(root)
+    if outputs["per-site metrics"]:
+        outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
+        for r in json.loads(outputs["per-site metrics"][0].read_text()):
+            status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else f"left out: {r['error']}"
+            print(f"  round {r['round']} {r['site']}: {status}")
+    print(f"\nResults under {root}:")
+    for what, paths in outputs.items():
+        for p in paths or ["(none found)"]:
+            print(f"  {what:32s} {p}")
+    ok = bool(outputs["global model (.pt)"])
+    if not ok:
+        print("error: no global model was saved; see the server and site logs above", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = define_parser().parse_args(argv)
+    if args.demo:
+        prepare_demo(args)
+    args.num_rounds = args.num_rounds or (2 if args.demo else 3)
+    sites = check_inputs(args)
+    recipe = build_recipe(args, sites)
+    if args.export:
+        recipe.export(job_dir=str(Path(args.export).resolve()))
+        print(f"Job folder written to {Path(args.export).resolve() / JOB_NAME}")
+        return 0
+    start = time.time()
+    run = recipe.execute(make_env(args, [s.name for s in sites]))
+    result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()
+    print(f"\nJob {run.get_job_id()} finished in {time.time() - start:.0f} s, status: {run.get_status()}")
+    if not result:
+        print("error: the job produced no result folder", file=sys.stderr)
+        return 1
+    return report(Path(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
