@@ -1,13 +1,46 @@
-"""Local trainer: one FL client's round of supervised fine-tuning of Qwen3-VL on its PubMedVision shard.
+"""Local trainer: one FL client's rounds of supervised fine-tuning of Qwen3-VL on its PubMedVision-style shard.
 
-Interface only in this commit; the implementation follows.
+Built on Hugging Face's `Trainer`, so torchrun DDP, gradient accumulation, LR schedules, logging and `report_to` work
+as usual. The model is held in fp32 (master weights and optimizer state) and computes in bf16 autocast; weights leave
+the trainer as bf16 with Hugging Face keys and without the tied `lm_head.weight`.
+
+Data rules (see `SFTDataset`):
+- The loss covers assistant tokens only: each answer and its `<|im_end|>`, never the `<|im_start|>assistant\\n`
+  header nor the "\\n" after `<|im_end|>`.
+- `<image>` placeholders in human turns mark where images go (one per image; a "\\n" right after one is dropped so
+  both formats give the same tokens); records without placeholders get all images at the start of the first turn.
+- Image paths must be relative and stay inside `--image_root`; anything else raises an error naming the record.
+- Records whose image files are missing are dropped at load; samples whose images cannot be decoded are skipped in
+  training (a warning names the record id; the next record takes its place). Both count as `skipped_samples`.
+- A sample longer than `--model_max_length` is cut at the tail when every image token and at least one label token
+  survive the cut (`truncated_samples`); otherwise it is skipped (`skipped_samples`).
+
+CLI: `python local_trainer.py --model_name_or_path DIR --dataset_use data/site-1 --image_root PubMedVision
+--output_dir out --max_steps 100` trains once and saves a Hugging Face checkpoint (also under torchrun).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from model import DEFAULT_MODEL, TIED_LM_HEAD, load_hf_model, untied_state_dict
+
+logger = logging.getLogger("local_trainer")
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -20,55 +53,484 @@ class TrainResult:
 
 @dataclass
 class TrainConfig:
-    """Trainer flags; names follow Qwen's train_qwen.py where they exist."""
+    """Trainer flags; names follow Qwen's `train_qwen.py` (and HF `TrainingArguments`) where they exist."""
 
-    model_name_or_path: str = "Qwen/Qwen3-VL-2B-Instruct"
-    dataset_use: str = "./data/site-1"
-    image_root: str = "PubMedVision"
-    output_dir: str = "./output"
-    tune_mm_llm: bool = True
-    tune_mm_mlp: bool = True
-    tune_mm_vision: bool = False
-    max_pixels: int = 50176
-    min_pixels: int = 784
-    model_max_length: int = 8192
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub ID or local HF directory"})
+    dataset_use: str = field(
+        default="./data/site-1",
+        metadata={"help": "folder holding train.json, or a .json file; several comma-separated"},
+    )
+    image_root: str = field(default="PubMedVision", metadata={"help": "folder that contains images/"})
+    output_dir: str = field(default="./output", metadata={"help": "logs and (CLI) the saved checkpoint"})
+    tune_mm_llm: bool = field(default=True, metadata={"help": "train the language model and lm_head"})
+    tune_mm_mlp: bool = field(default=True, metadata={"help": "train the vision merger and deepstack mergers"})
+    tune_mm_vision: bool = field(default=False, metadata={"help": "train the vision tower (except mergers)"})
+    max_pixels: int = field(default=50176, metadata={"help": "largest image area after resizing"})
+    min_pixels: int = field(default=784, metadata={"help": "smallest image area after resizing"})
+    model_max_length: int = field(default=8192, metadata={"help": "longest sample in tokens (see module doc)"})
     learning_rate: float = 5e-7
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 4
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps per round; -1: use num_train_epochs"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs per round when max_steps is -1"})
     gradient_checkpointing: bool = True
-    bf16: bool = True
-    seed: int = 42
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast over fp32 master weights"})
+    seed: int = field(default=42, metadata={"help": "round r shuffles its data with seed + r"})
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    logging_steps: int = 1
-    report_to: str = "none"
+    max_grad_norm: float = 1.0
+    logging_steps: float = 10
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, mlflow, ..."})
     dataloader_num_workers: int = 0
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--learning_rate must be >= 0": self.learning_rate >= 0,
+            "--per_device_train_batch_size must be >= 1": self.per_device_train_batch_size >= 1,
+            "--gradient_accumulation_steps must be >= 1": self.gradient_accumulation_steps >= 1,
+            "--max_steps must be -1 or >= 1": self.max_steps == -1 or self.max_steps >= 1,
+            "--num_train_epochs must be > 0": self.num_train_epochs > 0,
+            "--model_max_length must be >= 2": self.model_max_length >= 2,
+            "--min_pixels must be >= 1 and <= --max_pixels": 1 <= self.min_pixels <= self.max_pixels,
+            "--warmup_ratio must be in [0, 1)": 0 <= self.warmup_ratio < 1,
+            "--tune_mm_llm, --tune_mm_mlp and --tune_mm_vision are all False: nothing to train": (
+                self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision
+            ),
+        }
+        failed = [message for message, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("; ".join(failed))
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    raise NotImplementedError
+    """Parse trainer flags (`--help` lists them); bad flags or values exit with status 2."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig, description=__doc__.splitlines()[0])
+    try:
+        (config,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        parser.error(str(err))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on (unreadable image, too long); the message names the record."""
+
+
+def read_records(dataset_use: str) -> list[dict]:
+    """All records of the comma-separated folders (with train.json) or .json files in `dataset_use`."""
+    records = []
+    for item in filter(None, (part.strip() for part in dataset_use.split(","))):
+        path = Path(item)
+        if path.is_dir():
+            path = path / "train.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--dataset_use: {path} not found (expected a folder with train.json or a .json)")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        for index, record in enumerate(data):
+            _check_record(record, f"{path} record {index}")
+        records.extend(data)
+    if not records:
+        raise ValueError(f"--dataset_use {dataset_use!r}: no records")
+    return records
+
+
+def _check_record(record: Any, where: str) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise ValueError(f"{where}: not a record with a 'conversations' list")
+    name = f"{where} (id {record.get('id')!r})"
+    turns = record["conversations"]
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{name}: each turn needs 'from' in {sorted(ROLES)} and a string 'value'")
+    if not any(ROLES[turn["from"]] == "assistant" for turn in turns):
+        raise ValueError(f"{name}: no assistant ('gpt') turn to learn from")
+    images = record.get("image", [])
+    if not isinstance(images, str | list):
+        raise ValueError(f"{name}: 'image' must be a path or a list of paths")
+
+
+def record_images(record: dict) -> list[str]:
+    images = record.get("image") or []
+    return [images] if isinstance(images, str) else list(images)
+
+
+def resolve_image(image_root: Path, rel_path: str, record_id: Any) -> Path:
+    """`image_root / rel_path`, refusing absolute paths and paths that leave the root (`..`, symlinks)."""
+    if not isinstance(rel_path, str) or not rel_path or os.path.isabs(rel_path) or Path(rel_path).drive:
+        raise ValueError(f"record {record_id!r}: image path {rel_path!r} must be relative to --image_root")
+    root = image_root.resolve()
+    path = (root / rel_path).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"record {record_id!r}: image path {rel_path!r} escapes --image_root {image_root}")
+    return path
+
+
+def build_messages(record: dict, num_images: int) -> list[dict]:
+    """Chat messages for the processor's template, images placed as `<image>` says (or first in the first turn)."""
+    turns = record["conversations"]
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns if ROLES[turn["from"]] == "user")
+    if placeholders and placeholders != num_images:
+        raise ValueError(f"record {record.get('id')!r}: {placeholders} <image> placeholders for {num_images} images")
+    messages = []
+    for turn in turns:
+        role, text = ROLES[turn["from"]], turn["value"]
+        if role != "user":
+            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+            continue
+        content = []
+        if not placeholders and num_images and not any(m["role"] == "user" for m in messages):
+            content = [{"type": "image"} for _ in range(num_images)]
+        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i > 0:
+                content.append({"type": "image"})
+                piece = piece.removeprefix("\n")
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def assistant_labels(input_ids: torch.Tensor, header_ids: list[int], end_id: int) -> torch.Tensor:
+    """Labels equal to `input_ids` from after each assistant header through its `<|im_end|>`, else IGNORE_INDEX."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    ids = input_ids.tolist()
+    n, h = len(ids), len(header_ids)
+    i = 0
+    while i <= n - h:
+        if ids[i : i + h] != header_ids:
+            i += 1
+            continue
+        start = end = i + h
+        while end < n and ids[end] != end_id:
+            end += 1
+        labels[start : end + 1] = input_ids[start : end + 1]
+        i = end + 1
+    return labels
+
+
+class SFTDataset(Dataset):
+    """Records → model inputs; `__getitem__` decodes images and runs the processor, so DataLoader workers can help."""
+
+    def __init__(self, records: list[dict], image_root: str | os.PathLike, processor, model_max_length: int) -> None:
+        self.image_root = Path(image_root)
+        self.processor = processor
+        self.model_max_length = model_max_length
+        tokenizer = processor.tokenizer
+        self.header_ids = [tokenizer.convert_tokens_to_ids("<|im_start|>")] + tokenizer.encode(
+            "assistant\n", add_special_tokens=False
+        )
+        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
+        self.records, self.image_paths, missing = [], [], []
+        for record in records:
+            paths = [resolve_image(self.image_root, p, record.get("id")) for p in record_images(record)]
+            build_messages(record, len(paths))  # placeholder count errors surface at load, not mid-round
+            if all(p.is_file() for p in paths):
+                self.records.append(record)
+                self.image_paths.append(paths)
+            else:
+                missing.append(record.get("id"))
+        self.num_missing = len(missing)
+        if missing:
+            logger.warning("dropped %d records with missing image files (ids %s)", len(missing), _preview(missing))
+        if not self.records:
+            raise RuntimeError(f"no usable records: all {len(records)} lack image files under {self.image_root}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample at `index`, or the next usable one; `skipped` counts the unusable ones passed over."""
+        for offset in range(len(self.records)):
+            try:
+                sample = self.encode((index + offset) % len(self.records))
+            except SkipSample as err:
+                logger.warning("skipping sample: %s", err)
+                continue
+            sample["skipped"] = offset
+            return sample
+        raise RuntimeError(f"no usable sample among {len(self.records)} records (see the warnings above)")
+
+    def encode(self, index: int) -> dict[str, Any]:
+        record, paths = self.records[index], self.image_paths[index]
+        record_id = record.get("id", f"#{index}")
+        images = [_load_image(path, record_id) for path in paths]
+        text = self.processor.apply_chat_template(build_messages(record, len(images)), tokenize=False)
+        encoded = self.processor(text=[text], images=images or None, return_tensors="pt")
+        sample = {key: value[0] for key, value in encoded.items() if key in ("input_ids", "mm_token_type_ids")}
+        if images:
+            sample["pixel_values"], sample["image_grid_thw"] = encoded["pixel_values"], encoded["image_grid_thw"]
+        sample["labels"] = assistant_labels(sample["input_ids"], self.header_ids, self.end_id)
+        sample["truncated"] = len(sample["input_ids"]) > self.model_max_length
+        if sample["truncated"]:
+            self._truncate(sample, record_id)
+        return sample
+
+    def _truncate(self, sample: dict[str, Any], record_id: Any) -> None:
+        """Cut the text tail to `model_max_length`; skip if an image token or every label token would be cut."""
+        keep, ids = self.model_max_length, sample["input_ids"]
+        is_vision = torch.isin(ids, torch.tensor(sorted(self.vision_ids)))
+        if "mm_token_type_ids" in sample:
+            is_vision |= sample["mm_token_type_ids"] != 0
+        if is_vision[keep:].any():
+            raise SkipSample(f"record {record_id!r}: {len(ids)} tokens > --model_max_length {keep} within its images")
+        if not (sample["labels"][:keep] != IGNORE_INDEX).any():
+            raise SkipSample(f"record {record_id!r}: {len(ids)} tokens > --model_max_length {keep} before any answer")
+        for key in ("input_ids", "mm_token_type_ids", "labels"):
+            if key in sample:
+                sample[key] = sample[key][:keep]
+
+
+def _load_image(path: Path, record_id: Any):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise SkipSample(f"record {record_id!r}: cannot read image {path}: {err}") from err
+
+
+def _preview(items: list, n: int = 10) -> str:
+    return ", ".join(map(repr, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+class SFTCollator:
+    """Right-pads a list of samples to the batch's longest and stacks the images; carries sample counts along."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+        batch = {
+            key: torch.nn.utils.rnn.pad_sequence([s[key] for s in samples], batch_first=True, padding_value=value)
+            for key, value in pad.items()
+            if key in samples[0]
+        }
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
+        with_images = [s for s in samples if "pixel_values" in s]
+        if with_images:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        batch["sample_counts"] = torch.tensor(
+            [len(samples), sum(s["skipped"] for s in samples), sum(s["truncated"] for s in samples)]
+        )
+        return batch
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+
+
+def _make_round_trainer_class():
+    """A `Trainer` that takes the collator's sample counts out of each batch before the forward pass."""
+    from transformers import Trainer
+
+    class RoundTrainer(Trainer):
+        sample_counts: torch.Tensor | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            counts = inputs.pop("sample_counts")
+            self.sample_counts = counts if self.sample_counts is None else self.sample_counts + counts
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return RoundTrainer
+
+
+def set_trainable(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Freeze/unfreeze as train_qwen's set_model: vision tower, its mergers (the "mlp"), the LLM with lm_head."""
+    visual = model.model.visual
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+    visual.requires_grad_(config.tune_mm_vision)
+    for merger in mergers:
+        merger.requires_grad_(config.tune_mm_mlp)
+    model.model.language_model.requires_grad_(config.tune_mm_llm)
+    model.lm_head.requires_grad_(config.tune_mm_llm)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _init_distributed() -> torch.device:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class LocalTrainer:
+    """Holds the fp32 model, processor and dataset for a whole FL job; `train_round` runs one round on each rank."""
+
     def __init__(self, config: TrainConfig) -> None:
-        raise NotImplementedError
+        from transformers import AutoProcessor
+
+        self.config = config
+        self.device = _init_distributed()
+        self.rank = _rank()
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.round = 0
+        size = {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
+        self.processor = AutoProcessor.from_pretrained(config.model_name_or_path, size=size)
+        self.processor.tokenizer.padding_side = "right"
+        records = read_records(config.dataset_use)
+        self.dataset = SFTDataset(records, config.image_root, self.processor, config.model_max_length)
+        self.model = load_hf_model(
+            config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
+        ).to(self.device)
+        self.model.config.use_cache = False
+        set_trainable(self.model, config)
+        self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
+
+    def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
+        """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks."""
+        params = untied_state_dict(self.model)
+        if self.rank == 0 and global_state is not None:
+            state = {k: v for k, v in global_state.items() if k != TIED_LM_HEAD or k in params}
+            missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+            if missing or unexpected:
+                raise KeyError(
+                    f"global state does not fit {self.config.model_name_or_path}: missing {_preview(missing, 3)}; "
+                    f"unexpected {_preview(unexpected, 3)}"
+                )
+            with torch.no_grad():
+                for key, tensor in params.items():
+                    tensor.copy_(state[key])
+        if self.world_size > 1:
+            with torch.no_grad():
+                for tensor in params.values():
+                    dist.broadcast(tensor, src=0)
 
     def train_round(self, global_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
-        raise NotImplementedError
+        """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights."""
+        start = time.perf_counter()
+        self.load_global_state(global_state)
+        trainer = _make_round_trainer_class()(
+            model=self.model,
+            args=self._training_arguments(),
+            train_dataset=self.dataset,
+            data_collator=self.collator,
+        )
+        output = trainer.train()
+        counts = trainer.sample_counts if trainer.sample_counts is not None else torch.zeros(3, dtype=torch.long)
+        local = counts.cpu().tolist()
+        logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], self.round)
+        totals = torch.tensor([output.training_loss, *local], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+            totals[0] /= self.world_size
+        self.round += 1
+        metrics = {
+            "loss": float(totals[0]),
+            "steps": float(output.global_step),
+            "samples": float(totals[1]),
+            "skipped_samples": float(totals[2]) + self.dataset.num_missing,
+            "truncated_samples": float(totals[3]),
+            "seconds": time.perf_counter() - start,
+        }
+        state = self.state_dict() if self.rank == 0 else None
+        return TrainResult(state_dict=state, metrics=metrics)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current weights as bf16 CPU tensors with HF keys, without the tied lm_head copy."""
+        return {k: v.detach().to("cpu", torch.bfloat16) for k, v in untied_state_dict(self.model).items()}
 
     def save_checkpoint(self, output_dir: str) -> None:
-        raise NotImplementedError
+        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0."""
+        if self.rank != 0:
+            return
+        state = self.state_dict()
+        self.model.config.dtype = torch.bfloat16
+        try:
+            self.model.save_pretrained(output_dir, state_dict=state)
+        finally:
+            self.model.config.dtype = torch.float32
+        self.processor.save_pretrained(output_dir)
+
+    def _training_arguments(self):
+        from transformers import TrainingArguments
+
+        c = self.config
+        return TrainingArguments(
+            output_dir=c.output_dir,
+            per_device_train_batch_size=c.per_device_train_batch_size,
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            learning_rate=c.learning_rate,
+            max_steps=c.max_steps,
+            num_train_epochs=c.num_train_epochs,
+            lr_scheduler_type=c.lr_scheduler_type,
+            warmup_steps=c.warmup_ratio,  # a value below 1 is a ratio of the round's steps
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
+            bf16=c.bf16,
+            use_cpu=self.device.type == "cpu",
+            gradient_checkpointing=c.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=c.logging_steps,
+            report_to=c.report_to,
+            run_name=f"round-{self.round}",
+            seed=c.seed,
+            data_seed=c.seed + self.round,  # each round sees the data in a new order
+            dataloader_num_workers=c.dataloader_num_workers,
+            remove_unused_columns=False,  # the collator's sample_counts must reach compute_loss
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoint
 
 
 def load_state_dict_from_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    raise NotImplementedError
+    """The weights of a HF directory's safetensors as a plain state dict (no model built), without the tied lm_head."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    config_file = folder / "config.json"
+    tied = json.loads(config_file.read_text()).get("tie_word_embeddings", False) if config_file.is_file() else False
+    if tied:
+        state.pop(TIED_LM_HEAD, None)
+    return state
 
 
-def main() -> None:
-    raise NotImplementedError
+def main(argv: list[str] | None = None) -> None:
+    """Train once on the given data and save a Hugging Face checkpoint in --output_dir."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s rank " + os.environ.get("RANK", "0") + ": %(message)s"
+    )
+    config = parse_train_args(argv)
+    try:
+        trainer = LocalTrainer(config)
+        result = trainer.train_round()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    trainer.save_checkpoint(config.output_dir)
+    if trainer.rank == 0:
+        print(json.dumps({**result.metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
