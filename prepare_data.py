@@ -176,7 +176,7 @@ def report_bad_images(records: list, bad: list[tuple[int, str]]) -> None:
 
 def group_key(record: dict) -> str:
     """What makes hospitals differ: the imaging modality, else the body part."""
-    return record.get("modality") or record.get("body_part") or "unknown"
+    return str(record.get("modality") or record.get("body_part") or "unknown")
 
 
 def _dirichlet(alpha: float, k: int, rng: random.Random) -> list[float]:
