@@ -500,16 +500,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_root", default="./PubMedVision", help="folder that relative image paths start from")
     parser.add_argument("--num_samples", type=int, default=5, help="how many records to answer; 0 for all")
     parser.add_argument(
-        "--seed", type=int, default=None, help="pick a random sample of records with this seed (default: the first N)"
+        "--seed",
+        type=int,
+        default=None,
+        help="draw a random sample of records with this seed; None takes the first N records in file order",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (left-padded)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7, help="with --do_sample")
     parser.add_argument("--top_p", type=float, default=0.8, help="with --do_sample")
     parser.add_argument("--min_pixels", type=int, default=784, help="smallest image area after resizing")
     parser.add_argument(
-        "--max_pixels", type=int, default=50176, help="largest image area (as in training); 0 keeps the processor's"
+        "--max_pixels",
+        type=int,
+        default=50176,
+        help="largest image area, as local_trainer's default; 0 keeps the processor's",
     )
     parser.add_argument(
         "--device", default="auto", help="'auto' (cuda if available, else cpu), 'cuda', 'cuda:1', 'cpu'"
