@@ -186,7 +186,10 @@ def _dirichlet(alpha: float, k: int, rng: random.Random) -> list[float]:
     return [d / total for d in draws] if total > 0 else [float(i == rng.randrange(k)) for i in range(k)]
 
 
-def _dirichlet_sites(pool: list[int], keys: Sequence[str], num_clients: int, alpha: float, rng: random.Random):
+def _dirichlet_sites(
+    pool: list[int], keys: Sequence[str], num_clients: int, alpha: float, rng: random.Random
+) -> list[list[int]]:
+    """Deal each group's records (in pool order) to the sites in shares drawn from Dirichlet(alpha)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index in pool:
         groups[keys[index]].append(index)
@@ -357,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_size", type=int, default=0, help="records held out in test.json, seen by no site")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the Dirichlet draws")
     parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid", help="how records go to sites")
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller = more skewed")
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="with --split dirichlet: concentration, smaller = more skewed"
+    )
     parser.add_argument("--check_images", action="store_true", help="open+verify every image of every record")
     parser.add_argument(
         "--image_root", default=None, help="folder image paths are relative to; unset: the data file's folder"
