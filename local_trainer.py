@@ -384,10 +384,10 @@ class LocalTrainer:
         self.rank = _rank()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.round = 0
+        records = read_records(config.dataset_use)  # first, so a bad --dataset_use fails before the model loads
         size = {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
         self.processor = AutoProcessor.from_pretrained(config.model_name_or_path, size=size)
         self.processor.tokenizer.padding_side = "right"
-        records = read_records(config.dataset_use)
         self.dataset = SFTDataset(records, config.image_root, self.processor, config.model_max_length)
         self.model = load_hf_model(
             config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
@@ -478,8 +478,8 @@ class LocalTrainer:
             max_grad_norm=c.max_grad_norm,
             bf16=c.bf16,
             use_cpu=self.device.type == "cpu",
-            gradient_checkpointing=c.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            activation_checkpointing=c.gradient_checkpointing,  # the new name of gradient_checkpointing
+            activation_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=c.logging_steps,
             report_to=c.report_to,
             run_name=f"round-{self.round}",

@@ -1,0 +1,408 @@
+"""Tests of local_trainer.py on the tiny Qwen3-VL: labels, data rules, precision, freezing, rounds, checkpoints."""
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from local_trainer import (
+    IGNORE_INDEX,
+    LocalTrainer,
+    SFTCollator,
+    SFTDataset,
+    SkipSample,
+    TrainConfig,
+    load_state_dict_from_checkpoint,
+    parse_train_args,
+    set_trainable,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_TRAIN = 100  # synthetic records 0..99 form the site shard; the rest are held out for evaluation
+
+
+def _records(root: Path) -> list[dict]:
+    return json.loads((root / "PubMedVision_InstructionTuning_VQA.json").read_text())
+
+
+def _with_placeholders(record: dict) -> dict:
+    """The record as our site shards carry it: one `<image>\\n` per image at the start of the first human turn."""
+    turns = [dict(turn) for turn in record["conversations"]]
+    turns[0]["value"] = "<image>\n" * len(record["image"]) + turns[0]["value"]
+    return {**record, "conversations": turns}
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir, size={"shortest_edge": 784, "longest_edge": 50176})
+
+
+@pytest.fixture(scope="module")
+def site_dir(synthetic_pubmedvision, tmp_path_factory) -> Path:
+    """`data/site-1/train.json` in the shard format, referencing the synthetic images."""
+    site = tmp_path_factory.mktemp("data") / "site-1"
+    site.mkdir()
+    shard = [_with_placeholders(r) for r in _records(synthetic_pubmedvision)[:NUM_TRAIN]]
+    (site / "train.json").write_text(json.dumps(shard))
+    return site
+
+
+def _dataset(records, root, processor, max_len=8192) -> SFTDataset:
+    return SFTDataset(records, root, processor, max_len)
+
+
+def _label_runs(labels: torch.Tensor) -> list[list[int]]:
+    """The contiguous runs of labelled tokens."""
+    runs, current = [], []
+    for token in labels.tolist():
+        if token == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def test_labels_are_exactly_each_answer_and_its_im_end(synthetic_pubmedvision, processor):
+    images = [r["image"][0] for r in _records(synthetic_pubmedvision)[:3]]
+    record = {
+        "id": "multi-turn-1",
+        "image": images,
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat do the first two images show?"},
+            {"from": "gpt", "value": "Two shapes on coloured backgrounds."},
+            {"from": "human", "value": "And this one?\n<image>"},
+            {"from": "gpt", "value": "A third shape.\nNothing else."},
+        ],
+    }
+    sample = _dataset([record], synthetic_pubmedvision, processor).encode(0)
+    tok = processor.tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = ["Two shapes on coloured backgrounds.", "A third shape.\nNothing else."]
+    expected = [tok.encode(a, add_special_tokens=False) + [im_end] for a in answers]
+    assert _label_runs(sample["labels"]) == expected
+    assert [tok.decode(run) for run in _label_runs(sample["labels"])] == [a + "<|im_end|>" for a in answers]
+    # every image expanded per its grid (merge 2x2), none of it labelled
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    is_pad = sample["input_ids"] == image_pad
+    assert int(is_pad.sum()) == int(sample["image_grid_thw"].prod(-1).sum()) // 4
+    assert len(sample["image_grid_thw"]) == 3
+    assert (sample["labels"][is_pad] == IGNORE_INDEX).all()
+    # mm_token_type_ids marks exactly the image tokens (the model needs it with image_grid_thw)
+    assert torch.equal(sample["mm_token_type_ids"] != 0, is_pad)
+    # the third image sits in the second human turn, after its text
+    text = tok.decode(sample["input_ids"])
+    assert re.search(r"And this one\?\n<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|><\|im_end\|>", text)
+
+
+def test_raw_and_shard_formats_give_the_same_tokens(synthetic_pubmedvision, processor):
+    records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 2][:1]
+    raw = _dataset(records, synthetic_pubmedvision, processor).encode(0)
+    shard = _dataset([_with_placeholders(records[0])], synthetic_pubmedvision, processor).encode(0)
+    assert torch.equal(raw["input_ids"], shard["input_ids"])
+    text = processor.tokenizer.decode(raw["input_ids"])
+    assert text.startswith("<|im_start|>user\n<|vision_start|>")
+    assert text.count("<|vision_start|>") == 2
+
+
+def test_placeholder_count_must_match_images(synthetic_pubmedvision, processor):
+    record = _with_placeholders(_records(synthetic_pubmedvision)[0])
+    record["conversations"][0]["value"] = "<image>\n" + record["conversations"][0]["value"]
+    with pytest.raises(ValueError, match="syn-0000000.*2 <image> placeholders for 1 images"):
+        _dataset([record], synthetic_pubmedvision, processor)
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.jpg", "images/../../outside.jpg", "/etc/hostname"])
+def test_image_paths_escaping_the_root_are_rejected(synthetic_pubmedvision, processor, bad_path):
+    good = _records(synthetic_pubmedvision)[0]
+    evil = {**good, "id": "evil-7", "image": [bad_path]}
+    with pytest.raises(ValueError, match="evil-7"):
+        _dataset([good, evil], synthetic_pubmedvision, processor)
+
+
+def test_symlink_out_of_the_root_is_rejected(synthetic_pubmedvision, processor, tmp_path):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "link.jpg").symlink_to(synthetic_pubmedvision / _records(synthetic_pubmedvision)[0]["image"][0])
+    record = {**_records(synthetic_pubmedvision)[0], "id": "link-1", "image": ["images/link.jpg"]}
+    with pytest.raises(ValueError, match="link-1.*escapes"):
+        _dataset([record], root, processor)
+
+
+def test_unreadable_image_is_skipped_with_its_id(synthetic_pubmedvision, processor, tmp_path, caplog):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    good = _records(synthetic_pubmedvision)[0]
+    (root / good["image"][0]).write_bytes((synthetic_pubmedvision / good["image"][0]).read_bytes())
+    bad = {**good, "id": "broken-42", "image": ["images/broken.jpg"]}
+    dataset = _dataset([bad, good], root, processor)
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        sample = dataset[0]
+    assert "broken-42" in caplog.text
+    assert sample["skipped"] == 1
+    assert torch.equal(sample["input_ids"], dataset.encode(1)["input_ids"])
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        _dataset([bad], root, processor)[0]
+
+
+def test_missing_images_drop_their_records(synthetic_pubmedvision, processor, caplog):
+    good = _records(synthetic_pubmedvision)[0]
+    missing = {**good, "id": "gone-1", "image": ["images/does_not_exist.jpg"]}
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        dataset = _dataset([good, missing], synthetic_pubmedvision, processor)
+    assert (len(dataset), dataset.num_missing) == (1, 1)
+    assert "gone-1" in caplog.text
+    with pytest.raises(RuntimeError, match="no usable records"):
+        _dataset([missing], synthetic_pubmedvision, processor)
+
+
+def test_long_samples_are_cut_at_the_tail_or_skipped(synthetic_pubmedvision, processor):
+    record = _records(synthetic_pubmedvision)[0]
+    full = _dataset([record], synthetic_pubmedvision, processor).encode(0)
+    labelled = (full["labels"] != IGNORE_INDEX).nonzero().flatten()
+    last_image_token = int((full["mm_token_type_ids"] != 0).nonzero().max())
+
+    keep = int(labelled[0]) + 2  # images and the first two answer tokens fit
+    cut = _dataset([record], synthetic_pubmedvision, processor, max_len=keep).encode(0)
+    assert cut["truncated"] and len(cut["input_ids"]) == keep == len(cut["labels"]) == len(cut["mm_token_type_ids"])
+    assert torch.equal(cut["input_ids"], full["input_ids"][:keep])
+    assert int((cut["labels"] != IGNORE_INDEX).sum()) == 2
+    assert torch.equal(cut["pixel_values"], full["pixel_values"])
+    assert not full["truncated"]
+
+    for max_len, reason in [(int(labelled[0]), "before any answer"), (last_image_token, "within its images")]:
+        dataset = _dataset([record], synthetic_pubmedvision, processor, max_len=max_len)
+        with pytest.raises(SkipSample, match=f"syn-0000000.*{reason}"):
+            dataset.encode(0)
+        with pytest.raises(RuntimeError, match="no usable sample"):
+            dataset[0]
+
+
+def test_collator_pads_right_and_stacks_images(synthetic_pubmedvision, processor):
+    records = _records(synthetic_pubmedvision)
+    records = [next(r for r in records if len(r["image"]) == 2), next(r for r in records if len(r["image"]) == 1)]
+    dataset = _dataset(records, synthetic_pubmedvision, processor)
+    samples = [dataset[0], dataset[1]]
+    batch = SFTCollator(processor.tokenizer.pad_token_id)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    for row, n in enumerate(lengths):
+        assert torch.equal(batch["input_ids"][row, :n], samples[row]["input_ids"])
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+    assert batch["image_grid_thw"].shape == (3, 3)
+    assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples)
+    assert batch["sample_counts"].tolist() == [2, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------------------- flags
+
+
+def test_parse_train_args_uses_train_qwen_names():
+    config = parse_train_args(
+        ["--dataset_use", "a,b", "--tune_mm_vision", "True", "--max_steps", "3", "--bf16", "False"]
+    )
+    assert (config.dataset_use, config.tune_mm_vision, config.max_steps, config.bf16) == ("a,b", True, 3, False)
+    assert config.learning_rate == 5e-7 and config.max_pixels == 50176 and config.model_max_length == 8192
+
+
+@pytest.mark.parametrize(
+    "argv", [["--max_steps", "0"], ["--no_such_flag", "1"], ["--tune_mm_llm", "False", "--tune_mm_mlp", "False"]]
+)
+def test_bad_flags_exit_with_an_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(argv)
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_cli_bad_dataset_exits_nonzero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "local_trainer.py"), "--dataset_use", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"--dataset_use: {tmp_path / 'nope'} not found" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir, site_dir, synthetic_pubmedvision, tmp_path_factory) -> LocalTrainer:
+    config = TrainConfig(
+        model_name_or_path=str(tiny_model_dir),
+        dataset_use=str(site_dir),
+        image_root=str(synthetic_pubmedvision),
+        output_dir=str(tmp_path_factory.mktemp("out")),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        bf16=False,  # bf16 matmuls are slow on this CPU; the mixed-precision test turns it on
+        logging_steps=5,
+    )
+    return LocalTrainer(config)
+
+
+@pytest.fixture(scope="module")
+def initial_state(tiny_model_dir) -> dict[str, torch.Tensor]:
+    return load_state_dict_from_checkpoint(str(tiny_model_dir))
+
+
+def _eval_loss(trainer: LocalTrainer, records: list[dict], root: Path) -> float:
+    dataset = _dataset(records, root, trainer.processor)
+    batch = trainer.collator([dataset[i] for i in range(len(dataset))])
+    batch.pop("sample_counts")
+    trainer.model.eval()
+    with torch.no_grad():
+        return float(trainer.model(**batch).loss)
+
+
+@pytest.fixture(scope="module")
+def round_one(trainer, initial_state, synthetic_pubmedvision, tmp_path_factory) -> dict:
+    """One learning round from the initial weights, its checkpoint saved straight after."""
+    held_out = _records(synthetic_pubmedvision)[NUM_TRAIN:]
+    trainer.config = replace(trainer.config, learning_rate=3e-3, max_steps=30, warmup_ratio=0.1)
+    trainer.load_global_state(initial_state)
+    loss_before = _eval_loss(trainer, held_out, synthetic_pubmedvision)
+    result = trainer.train_round(initial_state)
+    loss_after = _eval_loss(trainer, held_out, synthetic_pubmedvision)
+    checkpoint = tmp_path_factory.mktemp("ckpt") / "round-1"
+    trainer.save_checkpoint(str(checkpoint))
+    return {"result": result, "before": loss_before, "after": loss_after, "checkpoint": checkpoint}
+
+
+def test_loss_falls_on_learnable_data(round_one):
+    assert round_one["after"] < round_one["before"] - 3.0, round_one
+    metrics = round_one["result"].metrics
+    assert metrics["steps"] == 30 and metrics["samples"] == 30 * 4
+    assert metrics["skipped_samples"] == 0 and metrics["truncated_samples"] == 0
+    assert round_one["after"] < metrics["loss"] < round_one["before"]
+    assert metrics["seconds"] > 0
+
+
+def test_returned_state_is_bf16_cpu_without_tied_lm_head(round_one, initial_state):
+    state = round_one["result"].state_dict
+    assert state.keys() == initial_state.keys() and "lm_head.weight" not in state
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in state.values())
+
+
+def test_frozen_parts_unchanged_trained_parts_changed(trainer, round_one, initial_state):
+    state = round_one["result"].state_dict
+    vision = [k for k in state if k.startswith("model.visual.") and "merger" not in k]
+    mergers = [k for k in state if k.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list."))]
+    assert vision and mergers
+    params = dict(trainer.model.named_parameters())
+    for key in vision:
+        assert torch.equal(state[key], initial_state[key]), key
+        assert not params[key].requires_grad
+    changed = [k for k in state if not torch.equal(state[k], initial_state[k])]
+    assert set(mergers) <= set(changed)
+    assert "model.language_model.layers.1.mlp.down_proj.weight" in changed
+
+
+@pytest.mark.parametrize("llm,mlp,vision", [(True, True, False), (False, True, True), (True, False, False)])
+def test_set_trainable_follows_train_qwen_mapping(trainer, llm, mlp, vision):
+    config = replace(trainer.config, tune_mm_llm=llm, tune_mm_mlp=mlp, tune_mm_vision=vision)
+    try:
+        set_trainable(trainer.model, config)
+        for name, param in trainer.model.named_parameters():
+            if "merger" in name:
+                expected = mlp
+            elif name.startswith("model.visual."):
+                expected = vision
+            else:
+                assert name.startswith("model.language_model."), name
+                expected = llm
+            assert param.requires_grad == expected, name
+        assert trainer.model.lm_head.weight.requires_grad == llm
+    finally:
+        set_trainable(trainer.model, trainer.config)
+
+
+def test_checkpoint_round_trip(round_one, tiny_model_dir):
+    from transformers import AutoProcessor
+
+    from model import load_hf_model, untied_state_dict
+
+    loaded = load_state_dict_from_checkpoint(str(round_one["checkpoint"]))
+    state = round_one["result"].state_dict
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    model = load_hf_model(str(round_one["checkpoint"]))
+    assert model.dtype == torch.bfloat16
+    assert all(torch.equal(v, state[k]) for k, v in untied_state_dict(model).items())
+    assert (
+        AutoProcessor.from_pretrained(round_one["checkpoint"]).tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    )
+
+
+def test_second_round_starts_from_the_passed_global_weights(trainer, round_one, initial_state):
+    # learning rate 0: the round must hand back exactly the weights it was given, not the previous round's.
+    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1)
+    result = trainer.train_round(initial_state)
+    assert all(torch.equal(result.state_dict[k], initial_state[k]) for k in initial_state)
+    assert not all(torch.equal(round_one["result"].state_dict[k], initial_state[k]) for k in initial_state)
+    assert result.metrics["steps"] == 1
+
+
+def test_fp32_master_weights_keep_a_small_update(trainer, initial_state):
+    trainer.config = replace(
+        trainer.config, learning_rate=1e-5, max_steps=1, warmup_ratio=0.0, lr_scheduler_type="constant", bf16=True
+    )
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    trainer.train_round(initial_state)
+    before = initial_state[key].float()
+    delta = dict(trainer.model.named_parameters())[key].detach() - before
+    moved = delta != 0
+    assert moved.float().mean() > 0.9  # the step reached the fp32 master weights
+    assert delta.abs().max() < 2e-5  # and it was a small (Adam: ~lr) step
+    # the same update applied in bf16 to the bf16 weights would vanish for most of them
+    bf16_after = initial_state[key] + delta.to(torch.bfloat16)
+    lost = (bf16_after == initial_state[key]) & moved
+    assert lost.float().mean() > 0.5
+
+
+# -------------------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvision, initial_state, tmp_path):
+    out = tmp_path / "ckpt"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "local_trainer.py"),
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_use", str(site_dir),
+        "--image_root", str(synthetic_pubmedvision), "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+        "--warmup_ratio", "0", "--bf16", "False", "--gradient_checkpointing", "False", "--logging_steps", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    per_rank = {int(r): int(n) for r, n in re.findall(r"rank (\d) trained on (\d+) samples", log)}
+    assert per_rank == {0: 4, 1: 4}, log[-4000:]
+    metrics = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"loss"')))
+    assert metrics["samples"] == 8 and metrics["steps"] == 2
+    state = load_state_dict_from_checkpoint(str(out))
+    assert state.keys() == initial_state.keys()
+    assert not torch.equal(
+        state["model.visual.merger.linear_fc2.weight"], initial_state["model.visual.merger.linear_fc2.weight"]
+    )
