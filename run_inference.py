@@ -537,6 +537,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}, but torch sees no CUDA GPU (use --device cpu or auto)")
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
     return device, getattr(torch, dtype)

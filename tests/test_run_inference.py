@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import run_inference as ri
 from model import Qwen3VLModel, load_hf_model
@@ -147,6 +148,15 @@ def test_batched_left_padded_generation_matches_one_by_one(lively_model_dir, tin
     single = [ri.generate_answers(model, processor, [p], max_new_tokens=4, do_sample=False)[0] for p in prompts]
     assert batched == single
     assert all(batched) and batched[0] != batched[1]  # answers depend on the prompt
+
+
+def test_directory_processor_comes_from_the_directory_else_from_base_model(tiny_model_dir, lively_model_dir):
+    model, processor = ri.load_model(str(tiny_model_dir), "no-such-org/no-such-model", "cpu", torch.float32, 784, 4096)
+    text = processor.apply_chat_template(ri.build_messages(1, "Q?"), tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (448, 448))], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # resized to 64x64 = 4096 pixels, 16-pixel patches
+    with pytest.raises(ri.UserError, match="could not load the processor 'no-such-org/no-such-model'"):
+        ri.load_model(str(lively_model_dir), "no-such-org/no-such-model", "cpu", torch.float32, 784, 4096)
 
 
 def test_checkpoint_keys_bare_or_prefixed_load_into_the_base(lively_model_dir, tiny_model_dir):
