@@ -41,13 +41,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def build_trainer(kind: str, train_argv: list[str]):
-    if kind == "qwen":
-        import qwen_official  # needs $QWEN3VL_ROOT; imported only when chosen
-
-        return qwen_official.QwenOfficialTrainer(qwen_official.parse_train_args(train_argv))
     from local_trainer import LocalTrainer, parse_train_args
 
-    return LocalTrainer(parse_train_args(train_argv))
+    config = parse_train_args(train_argv)
+    if kind == "qwen":
+        import qwen_official  # needs $QWEN3VL_ROOT and its own environment: imported only when chosen
+
+        return qwen_official.QwenOfficialTrainer(config)
+    return LocalTrainer(config)
 
 
 def broadcast(obj):
@@ -79,9 +80,11 @@ def hint(error: str) -> str:
 def save_round(work_dir: Path, round_num: int, trainer, sent: dict | None, metrics: dict, keep_sent: bool) -> None:
     """Checkpoint the latest round only (disk use stays flat); optionally keep exactly what was sent."""
     ckpt = work_dir / f"round-{round_num}"
-    trainer.save_checkpoint(str(ckpt))
+    if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
+        trainer.save_checkpoint(str(ckpt))
     if RANK != 0:
         return
+    ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
     for old in work_dir.glob("round-*"):
         if old != ckpt:
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     if WORLD_SIZE > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     work_dir = Path(args.work_dir or Path.cwd() / "qwen3vl_checkpoints").resolve()
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in train_argv):
+        train_argv += ["--output_dir", str(work_dir / "trainer_output")]
     site, writer = None, None
     if RANK == 0:
         flare.init(rank="0")
