@@ -312,16 +312,16 @@ class QwenOfficialTrainer:
         self.train_qwen, self.data_module = import_official(os.environ.get("QWEN3VL_ROOT"))
         self.work_dir = Path(config.output_dir).resolve() / "qwen_official"
 
-    def _ensure_process_group(self) -> bool:
-        """train_qwen calls torch.distributed.get_rank(): make a one-process group when none exists."""
+    def _ensure_process_group(self) -> str | None:
+        """train_qwen calls torch.distributed.get_rank(): make a one-process group when none exists; its store file."""
         if dist.is_initialized():
-            return False
+            return None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-            return False
+            return None
         store = tempfile.NamedTemporaryFile(prefix="qwen_official_pg_", delete=False).name
         dist.init_process_group(backend="gloo", init_method=f"file://{store}", rank=0, world_size=1)
-        return True
+        return store
 
     def train_round(self, global_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
         """Train one round from `global_state` (rank 0's copy); rank 0 gets the updated weights, others None."""
@@ -352,3 +352,4 @@ class QwenOfficialTrainer:
         finally:
             if own_group:
                 dist.destroy_process_group()
+                Path(own_group).unlink(missing_ok=True)
