@@ -195,11 +195,19 @@ def apply_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     missing = sorted(set(expected) - state.keys() - optional)
     unexpected = sorted(state.keys() - expected.keys())
     wrong_shape = sorted(k for k in state.keys() & expected.keys() if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
+    problems = [
+        f"{len(keys)} {what} (e.g. {keys[:3]})"
+        for keys, what in (
+            (missing, "missing keys"),
+            (unexpected, "unexpected keys"),
+            (wrong_shape, "keys of another shape"),
+        )
+        if keys
+    ]
+    if problems:
         raise UserError(
-            f"{source} does not fit the base model {base}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), {len(wrong_shape)} keys of another shape "
-            f"(e.g. {wrong_shape[:3]}). Is --base_model the model the job was trained from?"
+            f"{source} does not fit the base model {base}: {', '.join(problems)}. "
+            "Is --base_model the model the job was trained from?"
         )
     model.load_state_dict(state, strict=False)
     model.tie_weights()
@@ -434,7 +442,7 @@ def print_samples(samples: list[Sample], runs: list[tuple[str, str, list[str]]],
 
 
 def print_summary(runs: list[tuple[str, str, list[str]]], summaries: list[dict], num_samples: int) -> None:
-    print(f"=== Metrics over {num_samples} samples ({summaries[0]['num_closed']} closed questions) ===")
+    print(f"=== Metrics over {num_samples} samples, {summaries[0]['num_closed']} of them closed ===")
     print(f"{'model':<8}{'exact_match':>13}{'token_f1':>10}{'rouge_l':>10}{'closed_acc':>12}  path")
     for (label, path, _), s in zip(runs, summaries, strict=True):
         acc = "n/a" if s["closed_acc"] is None else f"{s['closed_acc']:.3f}"
@@ -565,7 +573,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_inputs(args)
     samples = load_samples(args.data_file, args.image_root, args.num_samples, args.seed)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    print(f"Answering {len(samples)} samples from {args.data_file} on {device} ({dtype})", flush=True)
+    print(
+        f"Answering {len(samples)} samples from {args.data_file} on {device} ({str(dtype).removeprefix('torch.')})",
+        flush=True,
+    )
     runs = []
     for label, path in (("A", args.model_path), ("B", args.compare)):
         if path is None:

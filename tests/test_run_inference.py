@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,15 +173,19 @@ def test_checkpoint_that_does_not_fit_the_base_says_how(
     lively_model_dir, tiny_model_dir, synthetic_pubmedvision, tmp_path
 ):
     state = Qwen3VLModel(str(lively_model_dir)).state_dict()
-    dropped = sorted(state)[0]
+    dropped, reshaped = sorted(state)[:2]
     del state[dropped]
+    state[reshaped] = torch.zeros(3)
     state["extra.weight"] = torch.zeros(2)
     torch.save({"model": state}, tmp_path / "bad.pt")
     argv = ["--model_path", str(tmp_path / "bad.pt"), "--base_model", str(tiny_model_dir)]
-    with pytest.raises(
-        ri.UserError, match=r"1 missing keys .*'" + dropped.replace(".", r"\.") + r"'.*1 unexpected keys"
-    ):
+    expected = rf"1 missing keys \(e.g. \['{re.escape(dropped)}'\]\), 1 unexpected keys .*1 keys of another shape"
+    with pytest.raises(ri.UserError, match=expected):
         ri.run(ri.parse_args(argv + data_args(synthetic_pubmedvision, 1)))
+
+    torch.save({"meta_props": {}}, tmp_path / "empty.pt")
+    with pytest.raises(ri.UserError, match="holds no state dict of tensors"):
+        ri.read_checkpoint(tmp_path / "empty.pt")
 
 
 @pytest.mark.parametrize(
