@@ -21,6 +21,7 @@ CLI: `python local_trainer.py --model_name_or_path DIR --dataset_use data/site-1
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -419,15 +420,19 @@ class LocalTrainer:
         """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights."""
         start = time.perf_counter()
         self.load_global_state(global_state)
+        patched = {k: v for k, v in vars(self.model).items() if k in ("forward", "_original_forward")}
         trainer = _make_round_trainer_class()(
             model=self.model,
             args=self._training_arguments(),
             train_dataset=self.dataset,
             data_collator=self.collator,
         )
-        output = trainer.train()
-        counts = trainer.sample_counts if trainer.sample_counts is not None else torch.zeros(3, dtype=torch.long)
-        local = counts.cpu().tolist()
+        try:
+            output = trainer.train()
+            counts = trainer.sample_counts if trainer.sample_counts is not None else torch.zeros(3, dtype=torch.long)
+            local = counts.cpu().tolist()
+        finally:
+            self._release(trainer, patched)
         logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], self.round)
         totals = torch.tensor([output.training_loss, *local], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
@@ -444,6 +449,21 @@ class LocalTrainer:
         }
         state = self.state_dict() if self.rank == 0 else None
         return TrainResult(state_dict=state, metrics=metrics)
+
+    def _release(self, trainer, patched: dict[str, Any]) -> None:
+        """Free the round's optimizer state and undo what accelerate did to the model, so rounds do not pile up."""
+        trainer.accelerator.free_memory()
+        trainer.optimizer = trainer.lr_scheduler = None
+        # accelerate wraps model.forward in autocast on every prepare; without this each round nests another wrapper
+        # and a later round with --bf16 False would still compute in bf16.
+        for key in ("forward", "_original_forward"):
+            vars(self.model).pop(key, None)
+        vars(self.model).update(patched)
+        if self.model.is_activation_checkpointing:
+            self.model.activation_checkpointing_disable()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The current weights as bf16 CPU tensors with HF keys, without the tied lm_head copy."""

@@ -1,5 +1,6 @@
 """Tests of local_trainer.py on the tiny Qwen3-VL: labels, data rules, precision, freezing, rounds, checkpoints."""
 
+import gc
 import json
 import logging
 import os
@@ -378,6 +379,19 @@ def test_fp32_master_weights_keep_a_small_update(trainer, initial_state):
     bf16_after = initial_state[key] + delta.to(torch.bfloat16)
     lost = (bf16_after == initial_state[key]) & moved
     assert lost.float().mean() > 0.5
+
+
+def test_rounds_leave_no_optimizer_or_autocast_wrapper_behind(trainer, initial_state):
+    trainer.config = replace(trainer.config, learning_rate=1e-5, max_steps=1, bf16=True)
+    trainer.train_round(initial_state)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)]
+    assert "forward" not in vars(trainer.model)  # accelerate's bf16 autocast wrapper is gone
+    batch = trainer.collator([trainer.dataset[0]])
+    batch.pop("sample_counts")
+    with torch.no_grad():
+        hidden = trainer.model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert hidden.dtype == torch.float32
 
 
 # -------------------------------------------------------------------------------------------------------- torchrun
