@@ -400,21 +400,38 @@ class LocalTrainer:
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
         """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks."""
         params = untied_state_dict(self.model)
-        if self.rank == 0 and global_state is not None:
-            state = {k: v for k, v in global_state.items() if k != TIED_LM_HEAD or k in params}
-            missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-            if missing or unexpected:
-                raise KeyError(
-                    f"global state does not fit {self.config.model_name_or_path}: missing {_preview(missing, 3)}; "
-                    f"unexpected {_preview(unexpected, 3)}"
-                )
-            with torch.no_grad():
+        problem = self._misfit(global_state, params) if self.rank == 0 and global_state is not None else ""
+        if self.world_size > 1:  # every rank learns of a bad state, so none is left waiting in a broadcast
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem:
+            raise ValueError(f"global state does not fit {self.config.model_name_or_path}: {problem}")
+        with torch.no_grad():
+            if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    tensor.copy_(state[key])
-        if self.world_size > 1:
-            with torch.no_grad():
+                    tensor.copy_(global_state[key])
+            if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)
+
+    @staticmethod
+    def _misfit(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str:
+        """What keeps `state` from loading into `params` (the tied lm_head may be present or not); "" if nothing."""
+        keys = state.keys() - ({TIED_LM_HEAD} - params.keys())
+        missing, unexpected = sorted(params.keys() - keys), sorted(keys - params.keys())
+        common = sorted(keys & params.keys())
+        shapes = [
+            f"{k} {tuple(state[k].shape)} != {tuple(params[k].shape)}"
+            for k in common
+            if state[k].shape != params[k].shape
+        ]
+        problems = [
+            f"missing {_preview(missing, 3)}" if missing else "",
+            f"unexpected {_preview(unexpected, 3)}" if unexpected else "",
+            f"wrong shapes {_preview(shapes, 3)}" if shapes else "",
+        ]
+        return "; ".join(filter(None, problems))
 
     def train_round(self, global_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
         """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights."""

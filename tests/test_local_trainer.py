@@ -363,6 +363,20 @@ def test_second_round_starts_from_the_passed_global_weights(trainer, round_one, 
     assert result.metrics["steps"] == 1
 
 
+def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_state):
+    before = trainer.state_dict()
+    key = "model.language_model.norm.weight"
+    with_lm_head = {**initial_state, "lm_head.weight": initial_state["model.language_model.embed_tokens.weight"]}
+    trainer.load_global_state(with_lm_head)  # the tied copy may travel along
+    bad_shape = {**initial_state, key: torch.zeros(3)}
+    missing = {k: v for k, v in initial_state.items() if k != key}
+    for bad, reason in [(bad_shape, "wrong shapes .*norm.weight"), (missing, "missing .*norm.weight")]:
+        trainer.load_global_state(before)
+        with pytest.raises(ValueError, match=reason):
+            trainer.load_global_state(bad)
+        assert all(torch.equal(v, before[k]) for k, v in trainer.state_dict().items())
+
+
 def test_fp32_master_weights_keep_a_small_update(trainer, initial_state):
     trainer.config = replace(
         trainer.config, learning_rate=1e-5, max_steps=1, warmup_ratio=0.0, lr_scheduler_type="constant", bf16=True
@@ -405,7 +419,8 @@ def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvis
         "--model_name_or_path", str(tiny_model_dir), "--dataset_use", str(site_dir),
         "--image_root", str(synthetic_pubmedvision), "--output_dir", str(out), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-        "--warmup_ratio", "0", "--bf16", "False", "--gradient_checkpointing", "False", "--logging_steps", "1",
+        "--warmup_ratio", "0", "--bf16", "False", "--gradient_checkpointing", "True", "--logging_steps", "1",
+        "--dataloader_num_workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
