@@ -393,8 +393,7 @@ class LocalTrainer:
         self.model = load_hf_model(
             config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
         ).to(self.device)
-        self.model.config.use_cache = False
-        set_trainable(self.model, config)
+        self.model.config.use_cache = self.model.config.text_config.use_cache = False
         self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
 
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
@@ -437,6 +436,7 @@ class LocalTrainer:
         """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights."""
         start = time.perf_counter()
         self.load_global_state(global_state)
+        set_trainable(self.model, self.config)
         patched = {k: v for k, v in vars(self.model).items() if k in ("forward", "_original_forward")}
         trainer = _make_round_trainer_class()(
             model=self.model,
@@ -558,10 +558,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_train_args(argv)
     try:
         trainer = LocalTrainer(config)
-        result = trainer.train_round()
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # bad data, paths or model: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    result = trainer.train_round()
     trainer.save_checkpoint(config.output_dir)
     if trainer.rank == 0:
         print(json.dumps({**result.metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))

@@ -363,6 +363,28 @@ def test_second_round_starts_from_the_passed_global_weights(trainer, round_one, 
     assert result.metrics["steps"] == 1
 
 
+def test_round_metrics_count_skipped_and_truncated_samples(trainer, synthetic_pubmedvision, tmp_path):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "broken.jpg").write_bytes(b"not an image")
+    good = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 1][:2]
+    for record in good:
+        (root / record["image"][0]).write_bytes((synthetic_pubmedvision / record["image"][0]).read_bytes())
+    broken = {**good[0], "id": "broken-1", "image": ["images/broken.jpg"]}
+    missing = {**good[0], "id": "missing-1", "image": ["images/missing.jpg"]}
+    first_label = int((_dataset(good, root, trainer.processor).encode(0)["labels"] != IGNORE_INDEX).nonzero()[0])
+    dataset, trainer.dataset = (
+        trainer.dataset,
+        _dataset([broken, *good, missing], root, trainer.processor, first_label + 1),
+    )
+    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1, per_device_train_batch_size=3)
+    try:
+        metrics = trainer.train_round().metrics
+    finally:
+        trainer.dataset = dataset
+    assert (metrics["samples"], metrics["skipped_samples"], metrics["truncated_samples"]) == (3, 2, 3)
+
+
 def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_state):
     before = trainer.state_dict()
     key = "model.language_model.norm.weight"
