@@ -111,47 +111,39 @@ class Qwen3VLModel(torch.nn.Module):
 # --------------------------------------------------------------------------------------------- tiny model
 
 
-def tiny_config():
-    """A Qwen3-VL config of the 2B's family (deepstack, interleaved M-RoPE, patch 16, merge 2), a few MB."""
+def _qwen3_vl_config(text: dict, vision: dict):
     from transformers import Qwen3VLConfig
 
-    text = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        rope_scaling={"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"},
-        rope_theta=5000000,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
-    vision = dict(
-        depth=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
-        out_hidden_size=64,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=[0],
-        hidden_act="gelu_pytorch_tanh",
-    )
+    text = dict(vocab_size=151936, tie_word_embeddings=True, rope_theta=5000000, bos_token_id=151643,
+                eos_token_id=151645, **text)  # fmt: skip
+    vision = dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  hidden_act="gelu_pytorch_tanh", **vision)  # fmt: skip
     return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        tie_word_embeddings=True,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-    )
+        text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=151655,
+        video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )  # fmt: skip
+
+
+def tiny_config():
+    """A Qwen3-VL config of the 2B's family (deepstack, interleaved M-RoPE, patch 16, merge 2), a few MB."""
+    return _qwen3_vl_config(
+        text=dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  rope_scaling={"mrope_interleaved": True, "mrope_section": [2, 3, 3], "rope_type": "default"}),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                    deepstack_visual_indexes=[0]),
+    )  # fmt: skip
+
+
+def config_2b():
+    """The Qwen3-VL-2B-Instruct architecture (its config.json's numbers), for benchmarks with random weights."""
+    return _qwen3_vl_config(
+        text=dict(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    deepstack_visual_indexes=[5, 11, 17]),
+    )  # fmt: skip
 
 
 def build_qwen_tokenizer():

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_inference as ri  # noqa: E402
-from model import build_tiny_processor, tiny_config  # noqa: E402
+from model import build_tiny_processor, config_2b, tiny_config  # noqa: E402
 from synthetic_data import COLOURS, SHAPES, draw_image  # noqa: E402
 
 QUESTIONS = [
@@ -36,49 +36,6 @@ QUESTIONS = [
     "Is there evidence of a mass or lesion? Explain where it is and how large it appears to be.",
     "What is the most likely diagnosis based on the findings in this image, and what features support it?",
 ]
-
-
-def config_2b():
-    """Qwen3-VL-2B-Instruct's architecture (its config.json's numbers)."""
-    from transformers import Qwen3VLConfig
-
-    text = dict(
-        hidden_size=2048,
-        num_hidden_layers=28,
-        intermediate_size=6144,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=262144,
-        rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
-        rope_theta=5000000,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
-    vision = dict(
-        depth=24,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_heads=16,
-        out_hidden_size=2048,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=2304,
-        deepstack_visual_indexes=[5, 11, 17],
-        hidden_act="gelu_pytorch_tanh",
-    )
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        tie_word_embeddings=True,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-    )
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
