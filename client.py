@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -69,11 +70,12 @@ def first_error(error: str | None) -> str | None:
     return next((e for e in errors if e), None)
 
 
-def hint(error: str) -> str:
+def hint(error: str, train_argv: list[str]) -> str:
     if "OutOfMemory" in error or "out of memory" in error:
         return "lower --per_device_train_batch_size or --max_pixels, raise --gradient_accumulation_steps"
-    if "FileNotFound" in error or "No such file" in error or "JSONDecodeError" in error or "train.json" in error:
-        return "check --data_dir/--image_root; python prepare_data.py writes <data_dir>/site-N/train.json"
+    if any(k in error for k in ("FileNotFound", "No such file", "JSONDecode", "dataset_use", "train.json", "image")):
+        data = train_argv[train_argv.index("--dataset_use") + 1] if "--dataset_use" in train_argv else "--dataset_use"
+        return f"check {data}/train.json and --image_root; python prepare_data.py writes <data_dir>/site-N/train.json"
     return "see the traceback above in this site's log"
 
 
@@ -105,6 +107,7 @@ def _exit_on_sigterm(*_) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args, train_argv = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {RANK} %(name)s: %(message)s")
     if WORLD_SIZE > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     work_dir = Path(args.work_dir or Path.cwd() / "qwen3vl_checkpoints").resolve()
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         if error is None:
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
             metrics.setdefault("seconds", time.time() - start)
+            if RANK != 0:
+                print(f"site={site} round={round_num}: rank {RANK} of {WORLD_SIZE} trained", flush=True)
             try:
                 save_round(work_dir, round_num, trainer, result.state_dict, metrics, args.save_sent)
             except Exception as e:
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                         writer.add_scalar(f"train_{key}", metrics[key], round_num)
             else:
                 print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
-                print(f"site={site} round={round_num}: sent weight 0 (after error) {hint(error)}", flush=True)
+                print(
+                    f"site={site} round={round_num}: sent weight 0 (after error) {hint(error, train_argv)}", flush=True
+                )
                 out = FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
             flare.send(out)
         result = global_model = out = None

@@ -264,20 +264,29 @@ def plot_losses(metrics_file: Path, png: Path) -> Path:
             ax.plot(*zip(*points, strict=True), marker="o", label=site)
     ax.set(xlabel="FL round", ylabel="training loss", title="Qwen3-VL federated fine-tuning: local loss per site")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png
 
 
-def report(root: Path) -> int:
+def report(root: Path, sites: list[str], num_rounds: int) -> int:
     outputs = find_outputs(root)
     if outputs["per-site metrics"]:
         outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
-        for r in json.loads(outputs["per-site metrics"][0].read_text()):
-            status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else f"left out: {r['error']}"
-            print(f"  round {r['round']} {r['site']}: {status}")
+        records = json.loads(outputs["per-site metrics"][0].read_text())
+        failed = False
+        for rnd in range(num_rounds):
+            got = {r["site"]: r for r in records if r["round"] == rnd}
+            for site in sites:
+                r = got.get(site)
+                failed |= not (r and r["weight"])
+                status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r and r["weight"] else "weight 0 (failed)"
+                print(f"  round {rnd} {site}: {status}")
+        if failed:
+            print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
     print(f"\nResults under {root}:")
     for what, paths in outputs.items():
         for p in paths or ["(none found)"]:
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result:
         print("error: the job produced no result folder", file=sys.stderr)
         return 1
-    return report(Path(result))
+    return report(Path(result), [s.name for s in sites], args.num_rounds)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,267 @@
+"""The federated job end to end, run the way users run it: `python job.py ...` with NVFlare's simulator and torchrun.
+
+Two jobs are shared by the tests below: 3 sites x 2 rounds where site-3's data is broken, then a 2-rank-per-site
+job resumed from the first one's global model.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_NAME = "qwen3-vl"
+SITE_SIZES = {"site-1": 16, "site-2": 8}  # unequal, so a plain mean and a sample-weighted mean differ
+
+
+def free_port_base(count: int) -> int:
+    """A base port with `count` free ports after it, so parallel runs on this machine do not collide."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count < 65000 and all(_is_free(base + i) for i in range(1, count + 1)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def run_job(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "job.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
+
+
+def demo_train_args() -> str:
+    from job import DEMO_TRAIN_ARGS
+
+    return DEMO_TRAIN_ARGS + " --save_sent"
+
+
+def site_app(workspace: Path, site: str) -> Path:
+    return workspace / site / "simulate_job" / f"app_{site}"
+
+
+def server_app(workspace: Path) -> Path:
+    return workspace / "server" / "simulate_job" / "app_server"
+
+
+def global_weights(workspace: Path) -> dict[str, torch.Tensor]:
+    return torch.load(server_app(workspace) / "FL_global_model.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory, synthetic_pubmedvision) -> Path:
+    """site-1 and site-2 with 16 and 8 records; site-3's train.json is not JSON."""
+    from prepare_data import add_image_placeholders
+    from synthetic_data import JSON_NAME
+
+    records = json.loads((synthetic_pubmedvision / JSON_NAME).read_text())
+    data = tmp_path_factory.mktemp("data")
+    start = 0
+    for site, n in SITE_SIZES.items():
+        (data / site).mkdir()
+        shard = [add_image_placeholders(r) for r in records[start : start + n]]
+        (data / site / "train.json").write_text(json.dumps(shard))
+        start += n
+    (data / "site-3").mkdir()
+    (data / "site-3" / "train.json").write_text('[{"id": "truncated"')
+    return data
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(tmp_path_factory, tiny_model_dir, site_data, synthetic_pubmedvision):
+    """3 sites x 2 rounds, site-3 broken; returns (process, job workspace)."""
+    workspace = tmp_path_factory.mktemp("ws")
+    proc = run_job(
+        "--n_clients", "3", "--num_rounds", "2",
+        "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "2e-3",
+        "--workspace", str(workspace), "--master_port", str(free_port_base(3)),
+        f"--train_args={demo_train_args()}",
+    )  # fmt: skip
+    return proc, workspace / JOB_NAME
+
+
+@pytest.mark.slow
+def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_nothing(fedavg_run, tiny_model_dir):
+    proc, ws = fedavg_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = global_weights(ws)
+
+    sent, weights = {}, {}
+    for site in SITE_SIZES:
+        sent_dir = site_app(ws, site) / "qwen3vl_checkpoints" / "sent"
+        sent[site] = load_file(sent_dir / "round-1.safetensors")
+        weights[site] = json.loads((sent_dir / "round-1.json").read_text())["samples"]
+    assert weights == {site: float(n) for site, n in SITE_SIZES.items()}
+    total = sum(weights.values())
+    assert sent["site-1"].keys() == final.keys()
+    weighted_differs_from_plain_mean = False
+    for key, value in final.items():
+        assert value.dtype == torch.bfloat16, key
+        expected = sum(weights[s] * sent[s][key].float() for s in SITE_SIZES) / total
+        # The server rounds the fp32 average to bf16 once: at most one bf16 step (2^-8 relative) away.
+        torch.testing.assert_close(value.float(), expected, rtol=2**-8, atol=1e-7, msg=key)
+        plain = sum(sent[s][key].float() for s in SITE_SIZES) / len(SITE_SIZES)
+        weighted_differs_from_plain_mean |= not torch.allclose(value.float(), plain, rtol=2**-8, atol=1e-7)
+    assert weighted_differs_from_plain_mean
+
+    from model import Qwen3VLModel
+
+    initial = Qwen3VLModel(str(tiny_model_dir)).state_dict()
+    assert any(not torch.equal(initial[k], final[k]) for k in final), "the global model did not change"
+
+    # The server's record: site-1 and site-2 weighed by their samples; site-3 sent no weights, so FedAvg
+    # dropped its result before aggregation in both rounds.
+    records = json.loads((server_app(ws) / "site_metrics.json").read_text())
+    weights_by_round = {(r["round"], r["site"]): r["weight"] for r in records}
+    assert weights_by_round == {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert server_log.count("Empty result from client site-3, skipping") == 2
+    losses = {(r["round"], r["site"]): r["loss"] for r in records}
+    assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
+    assert "round 1 site-3: weight 0 (failed)" in proc.stdout
+
+    # site-3 logged the failure each round (it retried) and sent weight 0; the job still finished.
+    log3 = (ws / "site-3" / "log.txt").read_text()
+    assert log3.count("Qwen SFT script failed: rank 0: JSONDecodeError") == 2
+    assert log3.count("sent weight 0 (after error) check ") == 2
+    assert "site-3/train.json" in log3
+
+
+@pytest.mark.slow
+def test_job_outputs_checkpoints_and_clean_exit(fedavg_run):
+    proc, ws = fedavg_run
+    assert proc.returncode == 0
+    # Only the latest round's checkpoint stays on each site.
+    ckpts = site_app(ws, "site-1") / "qwen3vl_checkpoints"
+    assert sorted(p.name for p in ckpts.glob("round-*")) == ["round-1"]
+    assert (ckpts / "round-1" / "model.safetensors").is_file()
+    # Per-site loss reached TensorBoard through NVFlare's tracking, and the plot was written.
+    for site in ("site-1", "site-2"):
+        assert list((ws / "server" / "simulate_job" / "tb_events" / site).glob("events.out.tfevents.*"))
+    assert (ws / "loss_per_site.png").stat().st_size > 10_000
+    for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png", "tb_events", "site-1/log.txt"):
+        assert what in proc.stdout, what
+    # Sites left after NVFlare's orderly SHUTDOWN instead of being killed.
+    for site in ("site-1", "site-2", "site-3"):
+        log = (ws / site / "log.txt").read_text()
+        assert "survived SIGTERM" not in log and "SignalException" not in log, site
+
+
+@pytest.mark.slow
+def test_exported_hf_directory_loads_and_generates(fedavg_run):
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    _, ws = fedavg_run
+    hf_dir = server_app(ws) / "hf_global_model"
+    model = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    final = global_weights(ws)
+    for key, value in final.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is drawn?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (64, 64), (220, 30, 30))], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision):
+    _, first = fedavg_run
+    resume_from = server_app(first) / "FL_global_model.pt"
+    proc = run_job(
+        "--n_clients", "2", "--num_rounds", "1", "--nproc_per_client", "2",
+        "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--resume_from", str(resume_from),
+        "--learning_rate", "0",  # sites send back what they got: the new global must be the resumed one
+        "--workspace", str(tmp_path), "--master_port", str(free_port_base(2)),
+        f"--train_args={demo_train_args()}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed, before = global_weights(tmp_path / JOB_NAME), global_weights(first)
+    assert resumed.keys() == before.keys()
+    assert all(torch.equal(resumed[k], before[k]) for k in before)
+    log = (tmp_path / JOB_NAME / "site-1" / "log.txt").read_text()
+    assert "site=site-1 round=0: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
+    records = json.loads((server_app(tmp_path / JOB_NAME) / "site_metrics.json").read_text())
+    assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
+
+
+@pytest.mark.slow
+def test_when_every_site_fails_the_global_model_stays(tmp_path, tiny_model_dir, synthetic_pubmedvision):
+    (tmp_path / "data" / "site-1").mkdir(parents=True)
+    (tmp_path / "data" / "site-1" / "train.json").write_text("[]")
+    proc = run_job(
+        "--n_clients", "1", "--num_rounds", "1", "--data_dir", str(tmp_path / "data"),
+        "--image_root", str(synthetic_pubmedvision), "--model_name_or_path", str(tiny_model_dir),
+        "--workspace", str(tmp_path / "ws"), "--master_port", str(free_port_base(1)),
+        f"--train_args={demo_train_args()}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from model import Qwen3VLModel
+
+    initial, final = Qwen3VLModel(str(tiny_model_dir)).state_dict(), global_weights(tmp_path / "ws" / JOB_NAME)
+    assert initial.keys() == final.keys() and all(torch.equal(initial[k], final[k]) for k in initial)
+    assert "no site contributed this round" in (tmp_path / "ws" / JOB_NAME / "server" / "log.txt").read_text()
+    assert "round 0 site-1: weight 0 (failed)" in proc.stdout
+
+
+def test_export_writes_per_site_torchrun_commands(tmp_path, tiny_model_dir):
+    proc = run_job(
+        "--n_clients", "2", "--gpu", "[0,1],[2,3]", "--master_port", "31000", "--data_dir", str(tmp_path / "remote"),
+        "--model_name_or_path", str(tiny_model_dir), "--export", str(tmp_path / "jobs"), "--wandb",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = tmp_path / "jobs" / JOB_NAME
+    assert (job / "meta.json").is_file()
+    assert {p.name for p in (job / "app_server" / "custom").iterdir()} >= {"fl_server.py", "model.py"}
+    for i, gpus in ((1, "0,1"), (2, "2,3")):
+        app = job / f"app_site-{i}"
+        assert {p.name for p in (app / "custom").iterdir()} >= {"client.py", "local_trainer.py", "model.py"}
+        config = json.loads((app / "config" / "config_fed_client.json").read_text())
+        command = config["executors"][0]["executor"]["args"]["command"]
+        assert command[:2] == ["env", f"CUDA_VISIBLE_DEVICES={gpus}"]
+        assert "--nproc_per_node=2" in command and f"--master_port={31000 + i}" in command
+        assert f"{tmp_path / 'remote'}/site-{i}" in command
+        assert config["submit_task_result_timeout"] >= 600 and config["tensor_min_download_timeout"] >= 600
+    server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    paths = {c["path"] for c in server["components"]}
+    assert {"fl_server.QwenPersistor", "nvflare.app_opt.tracking.wandb.wandb_receiver.WandBReceiver"} <= paths
+
+
+def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
+    proc = run_job("--n_clients", "4", "--data_dir", str(site_data))
+    assert proc.returncode != 0
+    assert "site-4" in proc.stderr and "prepare_data.py" in proc.stderr and "site-1" not in proc.stderr
+    proc = run_job("--n_clients", "3", "--gpu", "[0],[1]", "--data_dir", str(site_data))
+    assert proc.returncode != 0 and "--gpu" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_POC") != "1", reason="POC mode starts NVFlare services: set RUN_POC=1")
+def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
+    proc = run_job(
+        "--env", "poc", "--n_clients", "2", "--num_rounds", "1", "--max_steps", "1",
+        "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--master_port", str(free_port_base(2)),
+        f"--train_args={demo_train_args()}",
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FL_global_model.pt" in proc.stdout and "(none found)" not in proc.stdout.split("global model (.pt)")[1][:80]
