@@ -377,10 +377,11 @@ def _init_distributed() -> torch.device:
 class LocalTrainer:
     """Holds the fp32 model, processor and dataset for a whole FL job; `train_round` runs one round on each rank."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, callbacks: list | None = None) -> None:
         from transformers import AutoProcessor
 
         self.config = config
+        self.callbacks = callbacks or []  # extra transformers TrainerCallbacks for every round
         self.device = _init_distributed()
         self.rank = _rank()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -443,6 +444,7 @@ class LocalTrainer:
             args=self._training_arguments(),
             train_dataset=self.dataset,
             data_collator=self.collator,
+            callbacks=self.callbacks,
         )
         try:
             output = trainer.train()

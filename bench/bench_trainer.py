@@ -90,9 +90,41 @@ def sample_shapes(trainer: LocalTrainer, n: int = 256) -> tuple[float, float]:
     return tokens / count, patches / count
 
 
+class StepTimer:
+    """A TrainerCallback that records when each optimizer step ends (after a device sync)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+def loader_rate(trainer: LocalTrainer, batch_size: int, workers: int, batches: int = 30) -> float:
+    """Batches per second the data pipeline alone delivers (decode, resize, tokenize, collate)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(trainer.dataset, batch_size=batch_size, num_workers=workers, collate_fn=trainer.collator,
+                        shuffle=True)  # fmt: skip
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches / (time.perf_counter() - start)
+
+
 def run_case(name: str, cfg: TrainConfig, steps: int) -> dict:
     """Warm up with a 2-step round, then time a `steps`-step round of the same trainer."""
-    trainer = LocalTrainer(cfg)
+    timer = StepTimer()
+    trainer = LocalTrainer(cfg, callbacks=[timer])
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
     n_vision = sum(p.numel() for p in model.model.visual.parameters())
@@ -103,7 +135,11 @@ def run_case(name: str, cfg: TrainConfig, steps: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    timer.ends.clear()
     m = trainer.train_round(None).metrics
+    steady = sorted(b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False))[len(timer.ends) // 2 - 1]
+    loader = loader_rate(trainer, cfg.per_device_train_batch_size, cfg.dataloader_num_workers)
+    steady_samples_per_s = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / steady
     samples_per_s = m["samples"] / m["seconds"]
     flops = flops_per_sample(model.config, n_params, n_vision, tokens, patches, cfg.gradient_checkpointing)
     tflops = flops * samples_per_s / 1e12
@@ -112,11 +148,15 @@ def run_case(name: str, cfg: TrainConfig, steps: int) -> dict:
         samples=int(m["samples"]), seconds=round(m["seconds"], 2), samples_per_s=round(samples_per_s, 2),
         tokens_per_s=round(tokens * samples_per_s), tokens_per_sample=round(tokens, 1),
         patches_per_sample=round(patches, 1), tflops=round(tflops, 1), loss=round(m["loss"], 3),
+        steady_step_s=round(steady, 3), steady_samples_per_s=round(steady_samples_per_s, 2),
+        steady_tflops=round(flops * steady_samples_per_s / 1e12, 1),
+        loader_batches_per_s=round(loader, 1),
     )  # fmt: skip
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
         out["mfu"] = round(tflops / peak, 3) if peak else None
+        out["steady_mfu"] = round(flops * steady_samples_per_s / 1e12 / peak, 3) if peak else None
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     del trainer, model
     gc.collect()
