@@ -14,6 +14,7 @@ trainer (`local_trainer.parse_train_args`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import nvflare.client as flare
 import torch
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return parser.parse_known_args(argv)
 
 
-def build_trainer(kind: str, train_argv: list[str]):
+def build_trainer(kind: str, train_argv: list[str]) -> Any:
+    """The trainer for `--trainer`: both kinds offer `train_round(global_state) -> TrainResult`."""
     from local_trainer import LocalTrainer, parse_train_args
 
     config = parse_train_args(train_argv)
@@ -52,7 +55,7 @@ def build_trainer(kind: str, train_argv: list[str]):
     return LocalTrainer(config)
 
 
-def broadcast(obj):
+def broadcast(obj: Any) -> Any:
     """`obj` from rank 0 on every rank."""
     if WORLD_SIZE == 1:
         return obj
@@ -79,7 +82,7 @@ def hint(error: str, train_argv: list[str]) -> str:
     return "see the traceback above in this site's log"
 
 
-def save_round(work_dir: Path, round_num: int, trainer, sent: dict | None, metrics: dict, keep_sent: bool) -> None:
+def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, metrics: dict, keep_sent: bool) -> None:
     """Checkpoint the latest round only (disk use stays flat); optionally keep exactly what was sent."""
     ckpt = work_dir / f"round-{round_num}"
     if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
         error, result, start = None, None, time.time()
         try:
-            if trainer is None:  # built on first use, and rebuilt after a failed build (e.g. data fixed)
+            if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
                 trainer = build_trainer(args.trainer, train_argv)
             global_state = global_model.params if RANK == 0 else None
             if global_model is not None:
@@ -144,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             error = f"rank {RANK}: {type(e).__name__}: {e}"
         error = first_error(error)
+        if error is not None:  # start from a fresh trainer next round: frees what a failure (e.g. OOM) left behind
+            trainer = result = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
         if error is None:
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}

@@ -12,6 +12,7 @@ saved `FL_global_model.pt`) that, when the run ends, also writes the global mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -58,7 +59,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         error = meta.get("ERROR")
         record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
         record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds") if k in metrics})
-        if error or weight <= 0 or not model.params:
+        if error or not math.isfinite(weight) or weight <= 0 or not model.params:
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
             record["weight"] = weight

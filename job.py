@@ -84,7 +84,7 @@ def site_devices(args: argparse.Namespace) -> list[str | None]:
                 'give one non-empty group per site, e.g. "[0],[1],[2]" or "[0,1],[2,3],[4,5]"'
             )
         return [",".join(x.strip() for x in g.split(",")) for g in groups]
-    if args.env == "prod" or args.export:
+    if not runs_here(args):
         return [None] * args.n_clients
     import torch
 
@@ -96,7 +96,7 @@ def site_devices(args: argparse.Namespace) -> list[str | None]:
 
 def site_command(index: int, devices: str | None, nproc: int, args: argparse.Namespace) -> str:
     """torchrun for one site; NVFlare runs it without a shell, so the environment goes through `env`."""
-    local = args.env != "prod" and not args.export
+    local = runs_here(args)
     env = []
     if devices is not None:
         env.append(f"CUDA_VISIBLE_DEVICES={devices}")
@@ -112,13 +112,23 @@ def site_command(index: int, devices: str | None, nproc: int, args: argparse.Nam
     return f"env {' '.join(env)} {torchrun}" if env else torchrun
 
 
-def site_train_args(args: argparse.Namespace, site_dir: Path) -> str:
+def runs_here(args: argparse.Namespace) -> bool:
+    """True when the sites run on this machine (sim, poc), so local paths can be checked and made absolute."""
+    return args.env != "prod" and not args.export
+
+
+def site_path(args: argparse.Namespace, path: str) -> str:
+    """Sites start in their app folder, so local paths must be absolute; prod paths belong to the sites."""
+    return str(Path(path).resolve()) if runs_here(args) else path
+
+
+def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
     schedule = ["--max_steps", str(args.max_steps)] if args.max_steps else ["--num_train_epochs", "1"]
     flags = [
         "--trainer", args.trainer,
         "--model_name_or_path", args.model_name_or_path,
-        "--dataset_use", str(site_dir),
-        "--image_root", str(Path(args.image_root).resolve()),
+        "--dataset_use", site_dir,
+        "--image_root", site_path(args, args.image_root),
         "--learning_rate", str(args.learning_rate),
         *schedule,
         "--report_to", "none",
@@ -152,18 +162,22 @@ def prepare_demo(args: argparse.Namespace) -> None:
     args.train_args = f"{DEMO_TRAIN_ARGS} {args.train_args}".strip()
 
 
-def check_inputs(args: argparse.Namespace) -> list[Path]:
-    """The site folders, or exit naming what is missing and how to make it."""
+def check_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """Site name -> data folder, or exit naming what is missing and how to make it."""
+    sites = {
+        f"site-{i}": site_path(args, os.path.join(args.data_dir, f"site-{i}")) for i in range(1, args.n_clients + 1)
+    }
+    local = runs_here(args)  # prod/export: the paths live on the sites' machines
+    missing = [name for name, folder in sites.items() if not (Path(folder) / "train.json").is_file()]
     data_dir = Path(args.data_dir).resolve()
-    sites = [data_dir / f"site-{i}" for i in range(1, args.n_clients + 1)]
-    local = args.env != "prod" and not args.export  # prod/export: the paths live on the sites' machines
-    missing = [s.name for s in sites if not (s / "train.json").is_file()]
     if local and missing:
         raise SystemExit(
             f"error: --data_dir {data_dir} has no train.json for {', '.join(missing)}. "
             f"Run `python prepare_data.py --output_dir {args.data_dir} --num_clients {args.n_clients}` first "
             "(or `python job.py --demo` for synthetic data)."
         )
+    if local and Path(args.model_name_or_path).exists():  # a local HF directory, not a Hub ID
+        args.model_name_or_path = str(Path(args.model_name_or_path).resolve())
     if args.resume_from and local and not Path(args.resume_from).is_file():
         raise SystemExit(f"error: --resume_from {args.resume_from} is not a file (expected an FL_global_model.pt)")
     if args.env == "prod" and not args.export and not args.startup_kit:
@@ -176,15 +190,16 @@ def check_inputs(args: argparse.Namespace) -> list[Path]:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def build_recipe(args: argparse.Namespace, sites: list[Path]):
+def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
+    """FedAvg over `sites` (name -> data folder) with our aggregator and persistor, one torchrun per site."""
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import ExchangeFormat
     from nvflare.recipe import add_experiment_tracking, set_per_site_config
 
     from fl_server import QwenPersistor, SampleWeightedFedAvg
 
-    names = [s.name for s in sites]
-    resume = str(Path(args.resume_from).resolve()) if args.resume_from else None
+    names = list(sites)
+    resume = site_path(args, args.resume_from) if args.resume_from else None
     recipe = FedAvgRecipe(
         name=JOB_NAME,
         min_clients=args.n_clients,
@@ -199,16 +214,16 @@ def build_recipe(args: argparse.Namespace, sites: list[Path]):
         key_metric="",
     )
     per_site = {}
-    for i, (site, devices) in enumerate(zip(sites, site_devices(args), strict=True), start=1):
+    for i, ((name, folder), devices) in enumerate(zip(sites.items(), site_devices(args), strict=True), start=1):
         nproc = len(devices.split(",")) if devices else args.nproc_per_client
         command = site_command(i, devices, nproc, args)
-        per_site[site.name] = {"train_args": site_train_args(args, site), "command": command}
+        per_site[name] = {"train_args": site_train_args(args, folder), "command": command}
     set_per_site_config(recipe, per_site)
-    for name in CLIENT_FILES:
-        if (HERE / name).exists():
-            recipe.add_client_file(str(HERE / name), clients=names)
-    for name in SERVER_FILES:
-        recipe.add_server_file(str(HERE / name))
+    for file in CLIENT_FILES:
+        if (HERE / file).exists():
+            recipe.add_client_file(str(HERE / file), clients=names)
+    for file in SERVER_FILES:
+        recipe.add_server_file(str(HERE / file))
     transfer = {"tensor_min_download_timeout": args.tensor_min_download_timeout}
     recipe.add_client_config(
         {"get_task_timeout": args.get_task_timeout, "submit_task_result_timeout": args.submit_task_result_timeout}
@@ -272,8 +287,10 @@ def plot_losses(metrics_file: Path, png: Path) -> Path:
     return png
 
 
-def report(root: Path, sites: list[str], num_rounds: int) -> int:
+def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None) -> int:
+    """Print per-round site results and where every output is; write the loss plot. Non-zero without a model."""
     outputs = find_outputs(root)
+    outputs["site and server logs"] += site_logs or []
     if outputs["per-site metrics"]:
         outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
         records = json.loads(outputs["per-site metrics"][0].read_text())
@@ -313,13 +330,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Job folder written to {Path(args.export).resolve() / JOB_NAME}")
         return 0
     start = time.time()
-    run = recipe.execute(make_env(args, [s.name for s in sites]))
+    run = recipe.execute(make_env(args, list(sites)))
     result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()
     print(f"\nJob {run.get_job_id()} finished in {time.time() - start:.0f} s, status: {run.get_status()}")
     if not result:
         print("error: the job produced no result folder", file=sys.stderr)
         return 1
-    return report(Path(result), [s.name for s in sites], args.num_rounds)
+    site_logs = []
+    if args.env == "poc":  # the downloaded result holds the server's side; the sites' logs stay in the POC folders
+        from nvflare.tool.poc.poc_commands import get_poc_workspace
+
+        site_logs = sorted(Path(get_poc_workspace()).glob(f"*/prod_*/site-*/{run.get_job_id()}/log.txt"))
+    return report(Path(result), list(sites), args.num_rounds, site_logs)
 
 
 if __name__ == "__main__":

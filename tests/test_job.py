@@ -264,4 +264,7 @@ def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "FL_global_model.pt" in proc.stdout and "(none found)" not in proc.stdout.split("global model (.pt)")[1][:80]
+    results = proc.stdout.split("Results under")[1]
+    assert "(none found)" not in results
+    for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png", "site-1/", "site-2/"):
+        assert what in results, what
