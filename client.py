@@ -110,7 +110,8 @@ def _exit_on_sigterm(*_) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args, train_argv = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {RANK} %(name)s: %(message)s")
+    # No leading timestamp: NVFlare puts timestamped lines on the console only, others into the site's log.txt.
+    logging.basicConfig(level=logging.INFO, format=f"rank {RANK} %(name)s %(levelname)s: %(message)s")
     if WORLD_SIZE > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     work_dir = Path(args.work_dir or Path.cwd() / "qwen3vl_checkpoints").resolve()

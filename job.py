@@ -260,6 +260,7 @@ def find_outputs(root: Path) -> dict[str, list[Path]]:
         "global model (Hugging Face dir)": sorted(p.parent for p in root.rglob("hf_global_model/config.json")),
         "per-site metrics": sorted(root.rglob("site_metrics.json")),
         "TensorBoard logs": sorted(root.rglob("tb_events")),
+        "W&B runs (--wandb)": sorted(root.rglob("wandb/*run-*")),
         "site and server logs": sorted(root.rglob("log.txt")),
     }
 
@@ -306,6 +307,8 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
             print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
     print(f"\nResults under {root}:")
     for what, paths in outputs.items():
+        if what.endswith("(--wandb)") and not paths:
+            continue
         for p in paths or ["(none found)"]:
             print(f"  {what:32s} {p}")
     ok = bool(outputs["global model (.pt)"])

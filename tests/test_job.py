@@ -199,6 +199,7 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     assert all(torch.equal(resumed[k], before[k]) for k in before)
     log = (tmp_path / JOB_NAME / "site-1" / "log.txt").read_text()
     assert "site=site-1 round=0: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
+    assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(tmp_path / JOB_NAME) / "site_metrics.json").read_text())
     assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
 
