@@ -91,6 +91,11 @@ def site_devices(args: argparse.Namespace) -> list[str | None]:
     if not torch.cuda.is_available():
         return [""] * args.n_clients
     n = args.nproc_per_client
+    if torch.cuda.device_count() < n * args.n_clients:
+        raise SystemExit(
+            f"error: {args.n_clients} sites x {n} processes need {n * args.n_clients} GPUs, this machine has "
+            f'{torch.cuda.device_count()}; share them with --gpu, e.g. --gpu "[0],[0],[1]"'
+        )
     return [",".join(str(i * n + j) for j in range(n)) for i in range(args.n_clients)]
 
 
