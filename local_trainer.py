@@ -340,11 +340,16 @@ def _make_round_trainer_class():
 
     class RoundTrainer(Trainer):
         sample_counts: torch.Tensor | None = None
+        autocast_bf16: bool = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             counts = inputs.pop("sample_counts")
             self.sample_counts = counts if self.sample_counts is None else self.sample_counts + counts
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # Our own autocast around the forward: accelerate's (bf16=True) patches model.forward once per prepare,
+            # which repeated rounds on one model cannot rely on (a later round silently ran its matmuls in fp32).
+            device_type = inputs["input_ids"].device.type
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return RoundTrainer
 
@@ -438,7 +443,6 @@ class LocalTrainer:
         start = time.perf_counter()
         self.load_global_state(global_state)
         set_trainable(self.model, self.config)
-        patched = {k: v for k, v in vars(self.model).items() if k in ("forward", "_original_forward")}
         trainer = _make_round_trainer_class()(
             model=self.model,
             args=self._training_arguments(),
@@ -446,12 +450,13 @@ class LocalTrainer:
             data_collator=self.collator,
             callbacks=self.callbacks,
         )
+        trainer.autocast_bf16 = self.config.bf16
         try:
             output = trainer.train()
             counts = trainer.sample_counts if trainer.sample_counts is not None else torch.zeros(3, dtype=torch.long)
             local = counts.cpu().tolist()
         finally:
-            self._release(trainer, patched)
+            self._release(trainer)
         logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], self.round)
         totals = torch.tensor([output.training_loss, *local], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
@@ -469,15 +474,10 @@ class LocalTrainer:
         state = self.state_dict() if self.rank == 0 else None
         return TrainResult(state_dict=state, metrics=metrics)
 
-    def _release(self, trainer, patched: dict[str, Any]) -> None:
-        """Free the round's optimizer state and undo what accelerate did to the model, so rounds do not pile up."""
+    def _release(self, trainer) -> None:
+        """Free the round's optimizer state and undo the round's activation checkpointing, so rounds do not pile up."""
         trainer.accelerator.free_memory()
         trainer.optimizer = trainer.lr_scheduler = None
-        # accelerate wraps model.forward in autocast on every prepare; without this each round nests another wrapper
-        # and a later round with --bf16 False would still compute in bf16.
-        for key in ("forward", "_original_forward"):
-            vars(self.model).pop(key, None)
-        vars(self.model).update(patched)
         if self.model.is_activation_checkpointing:
             self.model.activation_checkpointing_disable()
         gc.collect()
@@ -515,7 +515,7 @@ class LocalTrainer:
             warmup_steps=c.warmup_ratio,  # a value below 1 is a ratio of the round's steps
             weight_decay=c.weight_decay,
             max_grad_norm=c.max_grad_norm,
-            bf16=c.bf16,
+            bf16=False,  # bf16 autocast is RoundTrainer's own (see compute_loss); weights stay fp32
             use_cpu=self.device.type == "cpu",
             activation_checkpointing=c.gradient_checkpointing,  # the new name of gradient_checkpointing
             activation_checkpointing_kwargs={"use_reentrant": False},

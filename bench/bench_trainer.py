@@ -121,7 +121,7 @@ def loader_rate(trainer: LocalTrainer, batch_size: int, workers: int, batches: i
     return batches / (time.perf_counter() - start)
 
 
-def run_case(name: str, cfg: TrainConfig, steps: int) -> dict:
+def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = None) -> dict:
     """Warm up with a 2-step round, then time a `steps`-step round of the same trainer."""
     timer = StepTimer()
     trainer = LocalTrainer(cfg, callbacks=[timer])
@@ -136,7 +136,17 @@ def run_case(name: str, cfg: TrainConfig, steps: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timer.ends.clear()
-    m = trainer.train_round(None).metrics
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            m = trainer.train_round(None).metrics
+        table = prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total",
+                                          row_limit=40, max_name_column_width=60)  # fmt: skip
+        profile_to.write_text(table)
+        print(table, flush=True)
+    else:
+        m = trainer.train_round(None).metrics
     steady = sorted(b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False))[len(timer.ends) // 2 - 1]
     loader = loader_rate(trainer, cfg.per_device_train_batch_size, cfg.dataloader_num_workers)
     steady_samples_per_s = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / steady
@@ -171,6 +181,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     ap.add_argument("--configs", default="bs8,bs16", help="comma list of bsN or bsN-gc (activation checkpointing)")
     ap.add_argument("--mixed_sizes", action="store_true", help="a mix of image sizes instead of 448x448 only")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler op table of the timed round to this file")
     ap.add_argument("--workdir", default=None, help="where to build the model and data (default: a temp dir)")
     args = ap.parse_args()
 
@@ -191,7 +202,7 @@ def main() -> None:
             dataloader_num_workers=0 if args.tiny else min(8, os.cpu_count() or 1), bf16=torch.cuda.is_available(),
         )  # fmt: skip
         t0 = time.time()
-        res = run_case(spec, cfg, args.steps)
+        res = run_case(spec, cfg, args.steps, Path(args.profile) if args.profile else None)
         res["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(res), flush=True)
 
