@@ -334,8 +334,26 @@ class SFTCollator:
 # -------------------------------------------------------------------------------------------------------- trainer
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool (batch, seq) mask of the positions whose next token is labelled: the only logits the loss needs."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy over logits computed at `answer_positions` only (see RoundTrainer.compute_loss).
+
+    Projecting only the labelled positions onto the 151,936-token vocabulary skips the lm_head matmul and the fp32
+    logits for image and question tokens: about half the logits memory on PubMedVision-shaped samples.
+    """
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
+
+
 def _make_round_trainer_class():
-    """A `Trainer` that takes the collator's sample counts out of each batch before the forward pass."""
+    """A `Trainer` that takes the collator's sample counts out of each batch and computes logits only where needed."""
     from transformers import Trainer
 
     class RoundTrainer(Trainer):
@@ -345,6 +363,7 @@ def _make_round_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             counts = inputs.pop("sample_counts")
             self.sample_counts = counts if self.sample_counts is None else self.sample_counts + counts
+            inputs["logits_to_keep"] = answer_positions(inputs["labels"])
             # Our own autocast around the forward: accelerate's (bf16=True) patches model.forward once per prepare,
             # which repeated rounds on one model cannot rely on (a later round silently ran its matmuls in fp32).
             device_type = inputs["input_ids"].device.type
@@ -449,6 +468,7 @@ class LocalTrainer:
             train_dataset=self.dataset,
             data_collator=self.collator,
             callbacks=self.callbacks,
+            compute_loss_func=answer_only_loss,
         )
         trainer.autocast_bf16 = self.config.bf16
         try:

@@ -462,3 +462,16 @@ def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvis
     assert not torch.equal(
         state["model.visual.merger.linear_fc2.weight"], initial_state["model.visual.merger.linear_fc2.weight"]
     )
+
+
+def test_answer_only_loss_equals_the_full_causal_lm_loss(trainer):
+    from local_trainer import answer_only_loss, answer_positions
+
+    batch = trainer.collator([trainer.dataset[i] for i in range(3)])
+    batch.pop("sample_counts")
+    with torch.no_grad():
+        full = trainer.model(**batch).loss
+        labels = batch.pop("labels")
+        sliced = trainer.model(**batch, logits_to_keep=answer_positions(labels))
+        assert sliced.logits.shape[0] == int((labels[:, 1:] != -100).sum()) < labels.numel()
+        assert torch.allclose(answer_only_loss(sliced, labels), full, rtol=1e-5)
