@@ -1,0 +1,107 @@
+"""Benchmark: federated round overhead of our job with the real Qwen3-VL-2B architecture (random weights).
+
+Runs `python job.py` (NVFlare simulator, 3 sites on one GPU, a few training steps each) and reports, per round,
+the wall time between the server's "Aggregated N/N" lines minus the slowest site's training seconds (the
+overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree.
+Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_trainer import build_dataset, build_model_dir  # noqa: E402
+
+TRAIN_ARGS = (
+    "--tune_mm_llm False --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_pixels 200704 "
+    "--warmup_ratio 0 --gradient_checkpointing False --logging_steps 1"
+)
+
+
+def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
+    """Poll the RSS of `proc` and all its descendants every 0.2 s, keeping the maximum in peak['rss']."""
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak["rss"] = max(peak["rss"], total)
+        time.sleep(0.2)
+
+
+def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[dict]:
+    """Per round after the first: wall between the last aggregations, slowest site's training, and the difference."""
+    pattern = re.compile(rf"^(\S+ \S+) - FedAvg .* Aggregated {clients}/{clients} results")
+    ends = [
+        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        for line in server_log.read_text().splitlines()
+        if (m := pattern.match(line))
+    ]
+    metrics = json.loads(metrics_file.read_text())
+    rows = []
+    for r in range(1, len(ends)):
+        wall = (ends[r] - ends[r - 1]).total_seconds()
+        train = max(m["seconds"] for m in metrics if m["round"] == r)
+        rows.append(
+            dict(round=r, wall_s=round(wall, 1), slowest_training_s=round(train, 1), overhead_s=round(wall - train, 1))
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=3)
+    ap.add_argument("--max_steps", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
+    ap.add_argument("--workdir", default="/tmp/bench_fl_round")
+    args = ap.parse_args()
+
+    work = Path(args.workdir)
+    model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, 448 * 448)
+    build_dataset(work / "images", n=64, image_size=64 if args.tiny else 448, mixed_sizes=False)
+    train = (work / "images" / "train.json").read_text()
+    for i in range(1, args.clients + 1):
+        (work / "data" / f"site-{i}").mkdir(parents=True, exist_ok=True)
+        (work / "data" / f"site-{i}" / "train.json").write_text(train)
+    gpu = [] if args.tiny else ["--gpu", ",".join("[0]" for _ in range(args.clients))]
+    extra = TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")
+    cmd = [
+        sys.executable, str(ROOT / "job.py"), "--model_name_or_path", str(model_dir), "--data_dir", str(work / "data"),
+        "--image_root", str(work / "images"), "--n_clients", str(args.clients), "--num_rounds", str(args.rounds),
+        "--max_steps", str(args.max_steps), "--learning_rate", "1e-5", "--workspace", str(work / "ws"),
+        f"--train_args={extra}", *gpu,
+    ]  # fmt: skip
+    peak = {"rss": 0}
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
+    watcher.start()
+    rc = proc.wait()
+    wall = time.time() - start
+    watcher.join(timeout=1)
+    app = work / "ws" / "qwen3-vl" / "server" / "simulate_job" / "app_server"
+    rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
+    print(json.dumps(dict(rc=rc, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
+                          peak_tree_rss_gib=round(peak["rss"] / 2**30, 1), per_round=rows)), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
