@@ -86,7 +86,7 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, 
     """Checkpoint the latest round only (disk use stays flat); optionally keep exactly what was sent."""
     ckpt = work_dir / f"round-{round_num}"
     if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
-        trainer.save_checkpoint(str(ckpt))
+        trainer.save_checkpoint(str(ckpt), sent)
     if RANK != 0:
         return
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -159,10 +159,6 @@ def main(argv: list[str] | None = None) -> None:
             metrics.setdefault("seconds", time.time() - start)
             if RANK != 0:
                 print(f"site={site} round={round_num}: rank {RANK} of {WORLD_SIZE} trained", flush=True)
-            try:
-                save_round(work_dir, round_num, trainer, result.state_dict, metrics, args.save_sent)
-            except Exception as e:
-                print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         if RANK == 0:
             if error is None:
                 out = FLModel(
@@ -182,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 out = FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
             flare.send(out)
+        if error is None:  # after sending: the server aggregates while this site writes its checkpoint
+            try:
+                save_round(work_dir, round_num, trainer, result.state_dict, metrics, args.save_sent)
+            except Exception as e:
+                print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         result = global_model = out = None
 
     if WORLD_SIZE > 1 and dist.is_initialized():

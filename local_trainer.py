@@ -521,11 +521,14 @@ class LocalTrainer:
         torch.cuda.synchronize(self.device)
         return state
 
-    def save_checkpoint(self, output_dir: str) -> None:
-        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0."""
+    def save_checkpoint(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0.
+
+        Pass the round's `TrainResult.state_dict` to save it without a second copy of the weights.
+        """
         if self.rank != 0:
             return
-        state = self.state_dict()
+        state = state_dict if state_dict is not None else self.state_dict()
         self.model.config.dtype = torch.bfloat16
         try:
             self.model.save_pretrained(output_dir, state_dict=state)
