@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--max_steps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
+    ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --tensor_download_chunk_mb 64")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -87,7 +88,7 @@ def main() -> None:
         sys.executable, str(ROOT / "job.py"), "--model_name_or_path", str(model_dir), "--data_dir", str(work / "data"),
         "--image_root", str(work / "images"), "--n_clients", str(args.clients), "--num_rounds", str(args.rounds),
         "--max_steps", str(args.max_steps), "--learning_rate", "1e-5", "--workspace", str(work / "ws"),
-        f"--train_args={extra}", *gpu,
+        f"--train_args={extra}", *gpu, *args.job_args,
     ]  # fmt: skip
     peak = {"rss": 0}
     start = time.time()
@@ -99,8 +100,9 @@ def main() -> None:
     watcher.join(timeout=1)
     app = work / "ws" / "qwen3-vl" / "server" / "simulate_job" / "app_server"
     rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
-    print(json.dumps(dict(rc=rc, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
-                          peak_tree_rss_gib=round(peak["rss"] / 2**30, 1), per_round=rows)), flush=True)  # fmt: skip
+    summary = dict(rc=rc, job_args=args.job_args, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
+                   peak_tree_rss_gib=round(peak["rss"] / 2**30, 1), per_round=rows)  # fmt: skip
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
