@@ -269,3 +269,29 @@ def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
     assert "(none found)" not in results
     for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png", "site-1/", "site-2/"):
         assert what in results, what
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_POC") != "1", reason="starts NVFlare services: set RUN_POC=1")
+def test_prod_mode_submits_with_an_admin_startup_kit(tiny_model_dir, site_data, synthetic_pubmedvision, tmp_path):
+    """--env prod against real provisioned services: NVFlare's POC provisioning gives the startup kits."""
+    env = {**os.environ, "NVFLARE_POC_WORKSPACE": str(tmp_path / "poc")}
+    nvflare = [sys.executable, "-m", "nvflare.cli"]
+    subprocess.run([*nvflare, "poc", "prepare", "-c", "site-1", "site-2", "--force"], env=env, check=True, timeout=120)
+    subprocess.run([*nvflare, "poc", "start", "-ex", "admin@nvidia.com"], env=env, check=True, timeout=120)
+    try:
+        kit = next((tmp_path / "poc").glob("*/prod_00/admin@nvidia.com"))
+        proc = run_job(
+            "--env", "prod", "--startup_kit", str(kit), "--n_clients", "2", "--num_rounds", "1", "--max_steps", "1",
+            "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+            "--model_name_or_path", str(tiny_model_dir), "--master_port", str(free_port_base(2)),
+            f"--train_args={demo_train_args()}",
+            timeout=600,
+        )  # fmt: skip
+    finally:
+        subprocess.run([*nvflare, "poc", "stop"], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FINISHED:COMPLETED" in proc.stdout
+    results = proc.stdout.split("Results under")[1]
+    for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png"):
+        assert what in results, what
