@@ -74,7 +74,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 4
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps per round; -1: use num_train_epochs"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs per round when max_steps is -1"})
-    gradient_checkpointing: bool = True
+    # Off by default: it recomputes activations, trading speed for memory (BENCHMARKS.md); turn it on when short.
+    gradient_checkpointing: bool = False
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast over fp32 master weights"})
     seed: int = field(default=42, metadata={"help": "round r shuffles its data with seed + r"})
     lr_scheduler_type: str = "cosine"
