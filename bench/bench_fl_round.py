@@ -33,15 +33,19 @@ TRAIN_ARGS = (
 
 
 def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
-    """Poll the RSS of `proc` and all its descendants every 0.2 s, keeping the maximum in peak['rss']."""
+    """Poll the RSS of `proc` and its descendants every 0.2 s: the tree's maximum in peak['rss'], and each
+    process's own maximum in peak['by_process'] (keyed by pid and a short command line), to see who holds what."""
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         total = 0
         for p in [root, *root.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                key = f"{p.pid} {' '.join(p.cmdline()[1:4])[:90]}"
             except psutil.Error:
-                pass
+                continue
+            total += rss
+            peak["by_process"][key] = max(peak["by_process"].get(key, 0), rss)
         peak["rss"] = max(peak["rss"], total)
         time.sleep(0.2)
 
@@ -90,7 +94,7 @@ def main() -> None:
         "--max_steps", str(args.max_steps), "--learning_rate", "1e-5", "--workspace", str(work / "ws"),
         f"--train_args={extra}", *gpu, *args.job_args,
     ]  # fmt: skip
-    peak = {"rss": 0}
+    peak = {"rss": 0, "by_process": {}}
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
@@ -102,6 +106,8 @@ def main() -> None:
     rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
     summary = dict(rc=rc, job_args=args.job_args, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
                    peak_tree_rss_gib=round(peak["rss"] / 2**30, 1), per_round=rows)  # fmt: skip
+    top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
+    summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
     print(json.dumps(summary), flush=True)
 
 
