@@ -217,6 +217,10 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         launch_timeout=args.launch_timeout,
         shutdown_timeout=60.0,  # let the sites leave after NVFlare's SHUTDOWN instead of being SIGTERMed
         key_metric="",
+        # gc + malloc_trim every round on the server and in the sites' client API: multi-GB state dicts freed by
+        # Python otherwise stay in the allocator's arenas round after round.
+        server_memory_gc_rounds=1,
+        client_memory_gc_rounds=1,
     )
     per_site = {}
     for i, ((name, folder), devices) in enumerate(zip(sites.items(), site_devices(args), strict=True), start=1):
