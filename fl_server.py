@@ -3,10 +3,14 @@
 `SampleWeightedFedAvg` sums the sites' bf16 weights in fp32, each weighted by the samples it trained on; a site that
 failed (weight 0 or `ERROR` in its meta) is left out, and when no site contributes the global model stays as it was.
 Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
+With NVFlare's tensor disk offload (job.py turns it on) the sites' results arrive as files on the server's disk; the
+average is then taken one tensor at a time when the last result is in, so the server never holds a whole result or
+an fp32 copy of the model in memory.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, optional start from a
 saved `FL_global_model.pt`) that, when the run ends, also writes the global model as a Hugging Face directory
-(weights plus processor) that `Qwen3VLForConditionalGeneration.from_pretrained` loads.
+(weights plus processor) that `Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its
+own: the global model's tensors are the only copy on the server.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.fuel.utils.fobs import FOBSContextKey
 
 SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
@@ -36,21 +42,53 @@ def _atomic_write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _materialize(value) -> torch.Tensor:
+    """A tensor from an in-memory value or from NVFlare's lazy reference to an offloaded one (read from disk now)."""
+    return value.materialize() if callable(getattr(value, "materialize", None)) else torch.as_tensor(value)
+
+
+def _is_on_disk(params: dict) -> bool:
+    return any(callable(getattr(v, "materialize", None)) for v in params.values())
+
+
+def share_disk_offload_with_job_cell(engine) -> bool:
+    """Make NVFlare 2.9's simulator offload results to disk as POC and production do; True if it had to.
+
+    FedAvg turns the offload on in the engine's cell. In POC and production that is the server job's cell, on which
+    the results arrive; in the simulator the engine holds the root cell and the results arrive on `server.job_cell`.
+    """
+    job_cell = getattr(getattr(engine, "server", None), "job_cell", None)
+    cell = engine.get_cell() if engine is not None else None
+    if job_cell is None or cell is None or job_cell is cell:
+        return False
+    settings = cell.get_fobs_context()
+    keys = (FOBSContextKey.TENSOR_DISK_OFFLOAD, "tensor_disk_offload_root_dir")  # NVFlare's own context keys
+    job_cell.update_fobs_context({key: settings.get(key) for key in keys})
+    return True
+
+
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg in fp32, weighted by `metrics["samples"]`; failed sites (weight 0, `ERROR` meta) are ignored."""
 
     def __init__(self, weight_key: str = "samples"):
         super().__init__()
         self.weight_key = weight_key
-        self._sum: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
+        self._on_disk: list[tuple[dict, float]] = []  # results offloaded to disk (lazy refs), with their weights
         self._total = 0.0
         self._loss_sum = 0.0
         self._round_records: list[dict] = []
         self._history: list[dict] = []
 
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == AppEventType.ROUND_STARTED:  # after FedAvg has set the offload up for the run
+            share_disk_offload_with_job_cell(fl_ctx.get_engine())
+
     def reset_stats(self) -> None:
-        self._sum, self._dtypes, self._total, self._loss_sum, self._round_records = {}, {}, 0.0, 0.0, []
+        self._sum, self._dtypes, self._on_disk = {}, {}, []
+        self._total, self._loss_sum, self._round_records = 0.0, 0.0, []
 
     def accept_model(self, model: FLModel) -> None:
         meta, metrics = model.meta or {}, model.metrics or {}
@@ -63,7 +101,10 @@ class SampleWeightedFedAvg(ModelAggregator):
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
             record["weight"] = weight
-            self._add(model.params, weight)
+            if _is_on_disk(model.params):
+                self._on_disk.append((model.params, weight))  # averaged tensor by tensor in aggregate_model
+            else:
+                self._add(model.params, weight)
             self._total += weight
             if "loss" in metrics:
                 self._loss_sum += weight * float(metrics["loss"])
@@ -72,7 +113,7 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     def _add(self, params: dict, weight: float) -> None:
         for name, value in params.items():
-            value = torch.as_tensor(value)
+            value = _materialize(value)
             if name not in self._sum:
                 self._dtypes[name] = value.dtype
                 self._sum[name] = value.to(torch.float32, copy=True).mul_(weight)
@@ -87,11 +128,20 @@ class SampleWeightedFedAvg(ModelAggregator):
             # An empty DIFF leaves the controller's global model untouched.
             return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
         params = {}
-        for name in list(self._sum):
-            params[name] = self._sum.pop(name).div_(self._total).to(self._dtypes[name])
+        for name in list(self._sum) or list(self._on_disk[0][0]):
+            total = self._sum.pop(name, None)
+            for result, weight in self._on_disk:
+                value = _materialize(result[name])
+                self._dtypes.setdefault(name, value.dtype)
+                if total is None:
+                    total = value.to(torch.float32, copy=True).mul_(weight)
+                else:
+                    total.add_(value.to(torch.float32), alpha=weight)
+            params[name] = total.div_(self._total).to(self._dtypes[name])
+        from_disk, self._on_disk = len(self._on_disk), []  # drops the last references: NVFlare deletes the files
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
-        self.info(f"averaged {contributing} site(s) over {self._total:g} samples in fp32")
+        self.info(f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk)")
         result = FLModel(
             params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
         )
@@ -122,6 +172,15 @@ class QwenPersistor(PTFileModelPersistor):
         self.model_name_or_path = model_name_or_path
         self.hf_dir_name = hf_dir_name
 
+    def load_model(self, fl_ctx: FLContext):
+        learnable = super().load_model(fl_ctx)
+        # The global model now lives in the persistence manager (and the controller); the module's own tensors would
+        # be a stale 4.26 GB copy after round 1. Keep only its structure: export_hf puts the weights back.
+        if self.model is not None:
+            self.model = self.model.to("meta")
+            self.model.model.tie_weights()  # .to() gives each module its own meta copy of a shared weight
+        return learnable
+
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
         super().handle_event(event, fl_ctx)
         if event == EventType.END_RUN and self.persistence_manager is not None:
@@ -135,7 +194,7 @@ class QwenPersistor(PTFileModelPersistor):
         """Write the current global weights with the base model's config and processor to `output_dir`."""
         from transformers import AutoProcessor
 
-        self.model.load_state_dict(self.persistence_manager.var_dict)
+        self.model.load_state_dict(self.persistence_manager.var_dict, assign=True)  # no copy: the global's tensors
         tmp = output_dir.with_name(output_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.model.save_pretrained(tmp)

@@ -221,6 +221,9 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         # Python otherwise stay in the allocator's arenas round after round.
         server_memory_gc_rounds=1,
         client_memory_gc_rounds=1,
+        # The sites' results go to temporary files on the server (under $TMPDIR) instead of its memory; the
+        # aggregator averages them tensor by tensor.
+        enable_tensor_disk_offload=True,
     )
     per_site = {}
     for i, ((name, folder), devices) in enumerate(zip(sites.items(), site_devices(args), strict=True), start=1):

@@ -94,10 +94,11 @@ class Qwen3VLModel(torch.nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state = {k.removeprefix("model.") if k.startswith("model.model.") else k: v for k, v in state_dict.items()}
-        if is_tied(self.model):
+        tied = is_tied(self.model)  # before loading: assign=True replaces the embedding and breaks the tie until below
+        if tied:
             state.pop(TIED_LM_HEAD, None)
         result = self.model.load_state_dict(state, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not (k == TIED_LM_HEAD and is_tied(self.model))]
+        missing = [k for k in result.missing_keys if not (k == TIED_LM_HEAD and tied)]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"state dict does not fit {self.model_name_or_path}: {len(missing)} missing keys "

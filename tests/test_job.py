@@ -131,6 +131,8 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     assert weights_by_round == {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
     server_log = (ws / "server" / "log.txt").read_text()
     assert server_log.count("Empty result from client site-3, skipping") == 2
+    # The results were offloaded to the server's disk and averaged from there, not held in its memory.
+    assert server_log.count("averaged 2 site(s) over 24 samples in fp32 (2 read from disk)") == 2
     losses = {(r["round"], r["site"]): r["loss"] for r in records}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
     assert "round 1 site-3: weight 0 (failed)" in proc.stdout

@@ -42,3 +42,16 @@ def test_server_state_dict_has_hf_keys_without_tied_copy_and_round_trips(tiny_mo
     assert missing == [TIED_LM_HEAD] and unexpected == []
     hf.tie_weights()
     assert torch.equal(hf.lm_head.weight, changed["model.language_model.embed_tokens.weight"])
+
+
+def test_load_with_assign_onto_a_meta_skeleton_keeps_the_tie(tiny_model_dir):
+    """What the server's persistor does at export: no weights of its own, the global's tensors assigned without copy."""
+    source = Qwen3VLModel(str(tiny_model_dir))
+    state = {k: v + 1 for k, v in source.state_dict().items()}
+    skeleton = Qwen3VLModel(str(tiny_model_dir)).to("meta")
+    skeleton.model.tie_weights()
+    skeleton.load_state_dict(state, assign=True)
+    embedding = skeleton.model.get_input_embeddings().weight
+    assert skeleton.model.lm_head.weight is embedding
+    assert embedding.data_ptr() == state["model.language_model.embed_tokens.weight"].data_ptr()
+    assert not any(p.is_meta for p in skeleton.parameters())
