@@ -1,0 +1,129 @@
+"""Benchmark: NVFlare's transfer of a bf16 state dict shaped like Qwen3-VL-2B's, with no model and no training.
+
+Runs a FedAvgRecipe in the simulator (external client processes, PyTorch exchange, our aggregator with disk offload)
+whose clients receive the global state dict and send back a changed copy, and prints per round and client the
+seconds to receive and to send and the MB/s. `--env NAME=VALUE` passes NVFlare settings to every process of the run
+(e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side.
+Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--env NVFLARE_X=1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SERVER_MODEL = '''
+import torch
+
+class StateDictOnly(torch.nn.Module):
+    """A 2B-shaped bf16 state dict: the 622 MB embedding and 25 MB matrices, `gb` GB in all."""
+
+    def __init__(self, gb: float):
+        super().__init__()
+        self.embed = torch.nn.Parameter(torch.zeros(151936, 2048, dtype=torch.bfloat16))
+        n = max(0, round((gb * 1e9 - self.embed.numel() * 2) / (6144 * 2048 * 2)))
+        mats = (torch.nn.Parameter(torch.zeros(6144, 2048, dtype=torch.bfloat16)) for _ in range(n))
+        self.mats = torch.nn.ParameterList(mats)
+'''
+
+CLIENT = """
+import time, torch
+import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import FLModel
+
+flare.init()
+while flare.is_running():
+    received = flare.receive()
+    if received is None:
+        break
+    params = {k: torch.as_tensor(v) + 1 for k, v in received.params.items()}
+    round_num, received = received.current_round, None
+    gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
+    ready = time.time()
+    flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    print(f"[transfer] {flare.get_site_name()} round {round_num}: {gb:.2f} GB, send {time.time() - ready:.1f} s",
+          flush=True)
+"""
+
+
+def download_seconds(server_log: Path) -> list[float]:
+    """Per round, from the server's log: task sent to the clients until the global model was downloaded by all."""
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)")
+    seconds, sent = [], None
+    for line in server_log.read_text().splitlines() if server_log.exists() else []:
+        if not (m := stamp.match(line)):
+            continue
+        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if "Sending task train" in line:
+            sent = t
+        elif "has been downloaded to all" in line and sent is not None:
+            seconds.append(round(t - sent, 1))
+            sent = None
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=float, default=4.26, help="state dict size in GB (4.26: the 2B model)")
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every process of the run")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
+    (work / "state_model.py").write_text(textwrap.dedent(SERVER_MODEL))
+    (work / "client.py").write_text(textwrap.dedent(CLIENT))
+    job = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
+from nvflare.recipe import SimEnv
+from fl_server import SampleWeightedFedAvg
+
+recipe = FedAvgRecipe(name="transfer", model={{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}}}}},
+    min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "client.py")!r},
+    launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
+    aggregator=SampleWeightedFedAvg(), enable_tensor_disk_offload=True, server_memory_gc_rounds=1,
+    client_memory_gc_rounds=1)
+for f in ({str(work / "state_model.py")!r}, {str(ROOT / "fl_server.py")!r}):
+    recipe.add_server_file(f)
+recipe.add_client_file({str(work / "state_model.py")!r})
+timeouts = {{"get_task_timeout": 1200, "submit_task_result_timeout": 1200, "tensor_min_download_timeout": 1200,
+            "streaming_per_request_timeout": 1200}}
+recipe.add_client_config(timeouts)
+recipe.add_server_config(timeouts)
+recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws")!r})).get_result()
+"""
+    (work / "job.py").write_text(job)
+    env = os.environ | dict(kv.split("=", 1) for kv in args.env)
+    start = time.time()
+    proc = subprocess.run([sys.executable, "job.py"], cwd=work, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    lines = [line for line in proc.stdout.splitlines() if "[transfer]" in line and "ExternalProcess" not in line]
+    sends = [float(m.group(1)) for line in lines if (m := re.search(r"send ([\d.]+) s", line))]
+    receives = download_seconds(work / "ws" / "transfer" / "server" / "log.txt")
+    for line in lines:
+        print(line[line.index("[transfer]") :])
+    print(json.dumps({"env": args.env, "gb": args.gb, "clients": args.clients, "rounds": args.rounds,
+                      "rc": proc.returncode,
+                      "wall_s": round(wall, 1), "receive_s": receives, "send_s": sends,
+                      "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
+                      "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0]}), flush=True)  # fmt: skip
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+
+
+if __name__ == "__main__":
+    main()
