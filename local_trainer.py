@@ -4,6 +4,12 @@ Built on Hugging Face's `Trainer`, so torchrun DDP, gradient accumulation, LR sc
 as usual. The model is held in fp32 (master weights and optimizer state) and computes in bf16 autocast; weights leave
 the trainer as bf16 with Hugging Face keys and without the tied `lm_head.weight`.
 
+`--fsdp` shards the model over the site's torchrun ranks with FSDP2 instead of replicating it on each (DDP): it is
+loaded sharded once for the whole job (transformers' `from_pretrained(distributed_config=...)`, each decoder layer and
+vision block one unit), and every round's `Trainer` takes it as it is (no DDP wrap, no second sharding). Shards stay
+fp32 under the same bf16 autocast, so a sharded round computes what an unsharded one does. Loading the global
+weights broadcasts rank 0's tensors into the shards; `state_dict()` gathers them to rank 0 one tensor at a time.
+
 Data rules (see `SFTDataset`):
 - The loss covers assistant tokens only: each answer and its `<|im_end|>`, never the `<|im_start|>assistant\\n`
   header nor the "\\n" after `<|im_end|>`.
@@ -35,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from model import DEFAULT_MODEL, TIED_LM_HEAD, load_hf_model, untied_state_dict
+from model import DEFAULT_MODEL, TIED_LM_HEAD, is_tied, load_hf_model, untied_state_dict
 
 logger = logging.getLogger("local_trainer")
 
@@ -86,6 +92,10 @@ class TrainConfig:
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, mlflow, ..."})
     dataloader_num_workers: int = 0
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "shard the model over this site's torchrun ranks with FSDP2 (fully_shard) instead of DDP"},
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -385,6 +395,27 @@ def set_trainable(model: torch.nn.Module, config: TrainConfig) -> None:
     model.lm_head.requires_grad_(config.tune_mm_llm)
 
 
+# FSDP units: each decoder layer and vision block (one all-gather each). The rest (the embedding with its tied lm_head,
+# patch embedding, mergers) is the root unit's; transformers' default plan adds the text model's final norm as one.
+FSDP_PLAN = {"model.language_model.layers.*": "free_full_weight", "model.visual.blocks.*": "free_full_weight"}
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit back to its shards (a forward without backward leaves the root unit gathered)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (an all-gather: every rank must call it), or `value` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -416,22 +447,44 @@ class LocalTrainer:
         self.processor = AutoProcessor.from_pretrained(config.model_name_or_path, size=size)
         self.processor.tokenizer.padding_side = "right"
         self.dataset = SFTDataset(records, config.image_root, self.processor, config.model_max_length)
+        self.fsdp = config.fsdp and self.world_size > 1
+        if config.fsdp and not self.fsdp:
+            logger.info("--fsdp with a single process: nothing to shard, training unsharded")
+        sharding = {}
+        if self.fsdp:
+            # Sharded at load, once for the whole job. The Trainer sees a model sharded by transformers and neither
+            # wraps it in DDP nor shards it again, on GPUs and CPUs alike. (TrainingArguments(fsdp=True) goes through
+            # accelerate, which drops its FSDP plugin on CPU and wraps the shards in DDP: "mixed torch.Tensor and
+            # DTensor" at the first round.)
+            from transformers.distributed import DistributedConfig
+
+            sharding["distributed_config"] = DistributedConfig(fsdp_size=self.world_size, fsdp_plan=FSDP_PLAN)
         self.model = load_hf_model(
-            config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
-        ).to(self.device)
+            config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation, **sharding
+        )
         self.model.config.use_cache = self.model.config.text_config.use_cache = False
+        if not self.fsdp:
+            self.model.to(self.device)
         self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
 
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
-        """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks."""
-        params = untied_state_dict(self.model)
+        """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks.
+
+        Under FSDP rank 0's tensors are broadcast and each rank keeps its shard; `None` keeps the loaded weights.
+        """
+        params = untied_state_dict(self.model)  # under FSDP: shards (DTensors) with the full shapes
         problem = self._misfit(global_state, params) if self.rank == 0 and global_state is not None else ""
+        given = global_state is not None
         if self.world_size > 1:  # every rank learns of a bad state, so none is left waiting in a broadcast
-            box = [problem]
+            box = [(problem, given)]
             dist.broadcast_object_list(box, src=0)
-            problem = box[0]
+            problem, given = box[0]
         if problem:
             raise ValueError(f"global state does not fit {self.config.model_name_or_path}: {problem}")
+        if self.fsdp:
+            if given:
+                self._load_sharded(global_state)
+            return  # None: every rank loaded the same weights when the model was built
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
@@ -439,6 +492,18 @@ class LocalTrainer:
             if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)
+
+    def _load_sharded(self, global_state: dict[str, torch.Tensor] | None) -> None:
+        """Broadcast rank 0's full bf16 `global_state` tensor by tensor; each rank copies its shard into fp32."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        _reshard(self.model)
+        state = {}
+        if self.rank == 0:
+            state = {k: v for k, v in global_state.items() if k != TIED_LM_HEAD or not is_tied(self.model)}
+        # strict=False: _misfit has checked the keys, and a tied lm_head loads through the embedding it shares
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(self.model, state, options=options)
 
     @staticmethod
     def _misfit(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str:
@@ -462,7 +527,7 @@ class LocalTrainer:
         """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights."""
         start = time.perf_counter()
         self.load_global_state(global_state)
-        set_trainable(self.model, self.config)
+        set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
         trainer = _make_round_trainer_class()(
             model=self.model,
             args=self._training_arguments(),
@@ -492,7 +557,7 @@ class LocalTrainer:
             "truncated_samples": float(totals[3]),
             "seconds": time.perf_counter() - start,
         }
-        state = self.state_dict() if self.rank == 0 else None
+        state = self.state_dict() if self.rank == 0 or self.fsdp else None  # under FSDP every rank helps gather
         return TrainResult(state_dict=state, metrics=metrics)
 
     def _release(self, trainer) -> None:
@@ -505,36 +570,53 @@ class LocalTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The current weights as bf16 CPU tensors with HF keys, without the tied lm_head copy.
 
+        Under FSDP this is collective (call it on every rank): each tensor is gathered in turn, so one full fp32
+        tensor is on the device at a time; rank 0 gets the weights, the other ranks None.
         On a GPU each tensor goes to its own pinned buffer (torch caches them for the next round) with asynchronous
         copies and one sync: copies into pageable memory took 4.3 s for the 2B model on an H100.
         """
+        if self.fsdp:
+            _reshard(self.model)
         params = untied_state_dict(self.model)
-        if self.device.type != "cuda":
-            return {k: v.detach().to(torch.bfloat16, copy=True) for k, v in params.items()}
+        keep = self.rank == 0 or not self.fsdp
+        cuda = self.device.type == "cuda"
         state = {}
         with torch.no_grad():
             for key, value in params.items():
+                value = _full_tensor(value.detach())
+                if not keep:
+                    continue
+                if not cuda:
+                    state[key] = value.to(torch.bfloat16, copy=True)
+                    continue
                 state[key] = torch.empty(value.shape, dtype=torch.bfloat16, pin_memory=True)
-                state[key].copy_(value.detach().to(torch.bfloat16), non_blocking=True)
-        torch.cuda.synchronize(self.device)
-        return state
+                state[key].copy_(value.to(torch.bfloat16), non_blocking=True)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        return state if keep else None
 
     def save_checkpoint(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0.
+        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0; other ranks do nothing.
 
-        Pass the round's `TrainResult.state_dict` to save it without a second copy of the weights.
+        Pass the round's `TrainResult.state_dict` to save it without a second copy of the weights; under FSDP it is
+        required (gathering the weights takes every rank).
         """
         if self.rank != 0:
             return
+        if state_dict is None and self.fsdp:
+            raise ValueError("save_checkpoint under --fsdp needs the state dict from train_round (rank 0's)")
         state = state_dict if state_dict is not None else self.state_dict()
-        self.model.config.dtype = torch.bfloat16
+        config = self.model.config
+        # With its distributed_config, save_pretrained would gather the weights again (every rank): hide it meanwhile.
+        sharding, config.distributed_config = getattr(config, "distributed_config", None), None
+        config.dtype = torch.bfloat16
         try:
             self.model.save_pretrained(output_dir, state_dict=state)
         finally:
-            self.model.config.dtype = torch.float32
+            config.dtype, config.distributed_config = torch.float32, sharding
         self.processor.save_pretrained(output_dir)
 
     def _training_arguments(self):
@@ -601,7 +683,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     result = trainer.train_round()
-    trainer.save_checkpoint(config.output_dir)
+    trainer.save_checkpoint(config.output_dir, result.state_dict)
     if trainer.rank == 0:
         print(json.dumps({**result.metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))
     if dist.is_initialized():

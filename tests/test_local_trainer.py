@@ -219,6 +219,7 @@ def test_parse_train_args_uses_train_qwen_names():
     )
     assert (config.dataset_use, config.tune_mm_vision, config.max_steps, config.bf16) == ("a,b", True, 3, False)
     assert config.learning_rate == 5e-7 and config.max_pixels == 50176 and config.model_max_length == 8192
+    assert not config.fsdp and parse_train_args(["--fsdp"]).fsdp  # a bare --fsdp, as in HF TrainingArguments
 
 
 @pytest.mark.parametrize(
@@ -439,7 +440,8 @@ def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(tr
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvision, initial_state, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvision, initial_state, tmp_path, sharding):
     out = tmp_path / "ckpt"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "local_trainer.py"),
@@ -447,7 +449,7 @@ def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvis
         "--image_root", str(synthetic_pubmedvision), "--output_dir", str(out), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
         "--warmup_ratio", "0", "--bf16", "False", "--gradient_checkpointing", "True", "--logging_steps", "1",
-        "--dataloader_num_workers", "1",
+        "--dataloader_num_workers", "1", *sharding,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -462,6 +464,77 @@ def test_torchrun_two_ranks_on_cpu(tiny_model_dir, site_dir, synthetic_pubmedvis
     assert not torch.equal(
         state["model.visual.merger.linear_fc2.weight"], initial_state["model.visual.merger.linear_fc2.weight"]
     )
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model_dir, site_dir, synthetic_pubmedvision, tmp_path_factory) -> dict:
+    """tests/fsdp_worker.py under torchrun, 2 ranks with --fsdp on CPU (gloo): its results, per rank."""
+    out = tmp_path_factory.mktemp("fsdp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
+        str(out), str(tiny_model_dir), str(site_dir), str(synthetic_pubmedvision),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=out)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return {"ranks": json.loads((out / "results.json").read_text()), "out": out}
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_model_once_and_reuses_it_every_round(fsdp_run):
+    for rank, results in enumerate(fsdp_run["ranks"]):
+        assert results["rank"] == rank and results["world_size"] == 2
+        assert results["model_class"] == "FSDPQwen3VLForConditionalGeneration"  # not wrapped in DDP
+        assert results["embedding_rows_here"] * 2 == results["embedding_rows"] == 151936  # each rank holds half
+        units, units_after = results["fsdp_units"]
+        assert units == units_after >= 1 + 2 + 2  # root, 2 decoder layers, 2 vision blocks; no unit added later
+        assert results["param_dtypes"] == ["torch.float32"]  # fp32 master weights (and so fp32 Adam state)
+        assert results["first_metrics"]["steps"] == 3 and results["first_metrics"]["samples"] == 3 * 2 * 2 * 2
+        assert results["second_metrics"]["steps"] == 1
+        assert results["optimizers_left"] == 0  # each round's optimizer state is freed
+        assert "missing 'model.language_model.norm.weight'" in results["refused"]  # refused on every rank, no hang
+    assert [r["state_on_rank"] for r in fsdp_run["ranks"]] == [True, False]
+
+
+@pytest.mark.slow
+def test_fsdp_loads_the_global_state_into_the_shards_and_gathers_it_back(fsdp_run, initial_state):
+    from safetensors.torch import load_file
+
+    rank0 = fsdp_run["ranks"][0]
+    assert rank0["second_is_initial"]  # round 2 (lr 0) from the initial weights gave them back exactly
+    assert rank0["read_back_is_first"]  # load round 1's weights, state_dict() gives the same
+    state = load_file(str(fsdp_run["out"] / "round1.safetensors"))
+    assert state.keys() == initial_state.keys() and "lm_head.weight" not in state
+    assert all(state[k].shape == initial_state[k].shape and state[k].dtype == torch.bfloat16 for k in state)
+    vision = [k for k in state if k.startswith("model.visual.") and "merger" not in k]
+    assert all(torch.equal(state[k], initial_state[k]) for k in vision)  # frozen, as without FSDP
+    saved = load_state_dict_from_checkpoint(str(fsdp_run["out"] / "ckpt"))
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+
+
+@pytest.mark.slow
+def test_fsdp_rounds_match_one_unsharded_process(fsdp_run, tiny_model_dir, site_dir, synthetic_pubmedvision, tmp_path):
+    """Same data order, seed and lr: 2 ranks x batch 2 under FSDP against 1 process x batch 4 (--fsdp is a no-op)."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fsdp_worker import config
+
+    paths = (str(tiny_model_dir), str(site_dir), str(synthetic_pubmedvision), str(tmp_path))
+    single = LocalTrainer(config(*paths, per_device_train_batch_size=4, fsdp=True))
+    assert not single.fsdp
+    initial = load_state_dict_from_checkpoint(str(tiny_model_dir))
+    reference = single.train_round(initial)
+    sharded = fsdp_run["ranks"][0]["first_metrics"]
+    assert sharded["loss"] == pytest.approx(reference.metrics["loss"], rel=1e-5)
+    assert sharded["samples"] == reference.metrics["samples"]
+    sharded_update, single_update = (
+        torch.cat([(state[k].float() - initial[k].float()).flatten() for k in initial])
+        for state in (load_file(str(fsdp_run["out"] / "round1.safetensors")), reference.state_dict)
+    )
+    assert sharded_update.norm() > 0
+    assert torch.nn.functional.cosine_similarity(sharded_update, single_update, dim=0) > 0.99
+    assert (sharded_update != single_update).float().mean() < 1e-3  # bf16 values: a few round the other way
 
 
 def test_answer_only_loss_equals_the_full_causal_lm_loss(trainer):
