@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             global_state = global_model.params if RANK == 0 else None
             if global_model is not None:
                 global_model.params = None  # the trainer holds the only reference: no extra copy lives on
-            result = trainer.train_round(global_state)
+            result = trainer.train_round(global_state, release_global_state=True)  # frees it before training
             del global_state
         except Exception as e:  # any failure, OOM included: report it and stay in the federation
             traceback.print_exc()

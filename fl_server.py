@@ -7,10 +7,11 @@ With NVFlare's tensor disk offload (job.py turns it on) the sites' results arriv
 average is then taken one tensor at a time when the last result is in, so the server never holds a whole result or
 an fp32 copy of the model in memory.
 
-`QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, optional start from a
-saved `FL_global_model.pt`) that, when the run ends, also writes the global model as a Hugging Face directory
-(weights plus processor) that `Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its
-own: the global model's tensors are the only copy on the server.
+`QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
+background while the next round starts; optional start from a saved `FL_global_model.pt`) that, when the run ends,
+also writes the global model as a Hugging Face directory (weights plus processor) that
+`Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its own: the global model's tensors
+are the only copy on the server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -171,6 +173,27 @@ class QwenPersistor(PTFileModelPersistor):
         )
         self.model_name_or_path = model_name_or_path
         self.hf_dir_name = hf_dir_name
+        self._saver: threading.Thread | None = None
+
+    def save_model(self, ml, fl_ctx: FLContext) -> None:
+        """Take the new global model and write `FL_global_model.pt` in the background (about 7 s for 2B), so the
+        next round's send does not wait for the disk. Each save waits for the one before; the run's end for the last.
+        """
+        self.wait_for_save()
+        self._get_persistence_manager(fl_ctx).update(ml)  # the aggregate's own tensors: nothing changes them later
+        self._saver = threading.Thread(target=self._save_file, name="global-model-save")
+        self._saver.start()
+
+    def _save_file(self) -> None:
+        try:
+            self.save_model_file(self._ckpt_save_path)  # NVFlare's atomic write (temp file, fsync, rename)
+        except Exception:
+            self.logger.exception(f"could not write {self._ckpt_save_path}; the previous round's file is intact")
+
+    def wait_for_save(self) -> None:
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
 
     def load_model(self, fl_ctx: FLContext):
         learnable = super().load_model(fl_ctx)
@@ -182,6 +205,8 @@ class QwenPersistor(PTFileModelPersistor):
         return learnable
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
+        if event in (EventType.END_RUN, AppEventType.GLOBAL_BEST_MODEL_AVAILABLE):
+            self.wait_for_save()
         super().handle_event(event, fl_ctx)
         if event == EventType.END_RUN and self.persistence_manager is not None:
             try:

@@ -323,8 +323,13 @@ class QwenOfficialTrainer:
         dist.init_process_group(backend="gloo", init_method=f"file://{store}", rank=0, world_size=1)
         return store
 
-    def train_round(self, global_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
-        """Train one round from `global_state` (rank 0's copy); rank 0 gets the updated weights, others None."""
+    def train_round(
+        self, global_state: dict[str, torch.Tensor] | None = None, release_global_state: bool = False
+    ) -> TrainResult:
+        """Train one round from `global_state` (rank 0's copy); rank 0 gets the updated weights, others None.
+
+        `release_global_state`: empty the dict once written for the official code, before training.
+        """
         cfg = self.config
         start = time.perf_counter()
         own_group = self._ensure_process_group()
@@ -336,6 +341,8 @@ class QwenOfficialTrainer:
                 for stale in (model_dir, output_dir):
                     shutil.rmtree(stale, ignore_errors=True)
                 write_round_model(global_state, cfg.model_name_or_path, model_dir, cfg)
+                if release_global_state and global_state is not None:
+                    global_state.clear()
             dist.barrier()
             register_fl_site(self.data_module, os.path.abspath(cfg.dataset_use), os.path.abspath(cfg.image_root))
             argv, sys.argv = sys.argv, train_argv(cfg, model_dir, output_dir, self.round)

@@ -287,7 +287,7 @@ def round_one(trainer, initial_state, synthetic_pubmedvision, tmp_path_factory) 
     loss_after = _eval_loss(trainer, held_out, synthetic_pubmedvision)
     checkpoint = tmp_path_factory.mktemp("ckpt") / "round-1"
     trainer.save_checkpoint(str(checkpoint))
-    return {"result": result, "before": loss_before, "after": loss_after, "checkpoint": checkpoint}
+    return {"result": result, "before": loss_before, "after": loss_after, "checkpoint": checkpoint, "trainer": trainer}
 
 
 def test_loss_falls_on_learnable_data(round_one):
@@ -349,10 +349,27 @@ def test_checkpoint_round_trip(round_one, tiny_model_dir):
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     model = load_hf_model(str(round_one["checkpoint"]))
     assert model.dtype == torch.bfloat16
+    config = json.loads((round_one["checkpoint"] / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == "bfloat16"  # what dtype="auto" loads
+    assert trainer_is_fp32(round_one)
     assert all(torch.equal(v, state[k]) for k, v in untied_state_dict(model).items())
     assert (
         AutoProcessor.from_pretrained(round_one["checkpoint"]).tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
     )
+
+
+def trainer_is_fp32(round_one) -> bool:
+    return round_one["trainer"].model.config.dtype == torch.float32 and all(
+        p.dtype == torch.float32 for p in round_one["trainer"].model.parameters()
+    )
+
+
+def test_a_released_global_state_is_emptied_after_loading(trainer, initial_state):
+    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1)
+    given = dict(initial_state)
+    result = trainer.train_round(given, release_global_state=True)
+    assert given == {}  # the caller's host copy is gone before training, not after
+    assert all(torch.equal(result.state_dict[k], initial_state[k]) for k in initial_state)
 
 
 def test_second_round_starts_from_the_passed_global_weights(trainer, round_one, initial_state):
