@@ -2,7 +2,9 @@
 
 Runs `python job.py` (NVFlare simulator, 3 sites on one GPU, a few training steps each) and reports, per round,
 the wall time between the server's "Aggregated N/N" lines minus the slowest site's training seconds (the
-overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree.
+overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree, also
+net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
+exchange), measured first.
 Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR]
 """
 
@@ -69,6 +71,28 @@ def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[
     return rows
 
 
+TRAINING_ONLY = """
+import resource, sys
+from local_trainer import LocalTrainer, parse_train_args
+LocalTrainer(parse_train_args(sys.argv[1:])).train_round(None)
+print("TRAINING_ONLY_PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def extra_args(args: argparse.Namespace) -> list[str]:
+    return (TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")).split()
+
+
+def training_only_rss_gib(train_args: list[str]) -> float:
+    """Peak RSS of one site's trainer training a round on its own, with no NVFlare and no exchange: what training
+    itself needs in host memory (libraries, CUDA context, data), to subtract from the job's peak."""
+    out = subprocess.run([sys.executable, "-c", TRAINING_ONLY, *train_args], cwd=ROOT, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("TRAINING_ONLY_PEAK_RSS_KIB")), None)
+    if line is None:
+        raise RuntimeError(f"training-only run failed: {out.stderr[-2000:]}")
+    return int(line.split()[1]) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -86,8 +110,12 @@ def main() -> None:
     for i in range(1, args.clients + 1):
         (work / "data" / f"site-{i}").mkdir(parents=True, exist_ok=True)
         (work / "data" / f"site-{i}" / "train.json").write_text(train)
+    training_only = training_only_rss_gib(
+        [*extra_args(args), "--model_name_or_path", str(model_dir), "--dataset_use", str(work / "data" / "site-1"),
+         "--image_root", str(work / "images"), "--max_steps", str(args.max_steps), "--output_dir", str(work / "solo")]
+    )  # fmt: skip
     gpu = [] if args.tiny else ["--gpu", ",".join("[0]" for _ in range(args.clients))]
-    extra = TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")
+    extra = " ".join(extra_args(args))
     cmd = [
         sys.executable, str(ROOT / "job.py"), "--model_name_or_path", str(model_dir), "--data_dir", str(work / "data"),
         "--image_root", str(work / "images"), "--n_clients", str(args.clients), "--num_rounds", str(args.rounds),
@@ -105,7 +133,10 @@ def main() -> None:
     app = work / "ws" / "qwen3-vl" / "server" / "simulate_job" / "app_server"
     rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
     summary = dict(rc=rc, job_args=args.job_args, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
-                   peak_tree_rss_gib=round(peak["rss"] / 2**30, 1), per_round=rows)  # fmt: skip
+                   peak_tree_rss_gib=round(peak["rss"] / 2**30, 1),
+                   training_only_peak_rss_gib_per_site=round(training_only, 1),
+                   peak_beyond_training_gib=round(peak["rss"] / 2**30 - args.clients * training_only, 1),
+                   per_round=rows)  # fmt: skip
     top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
     summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
     print(json.dumps(summary), flush=True)
