@@ -22,7 +22,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -132,10 +131,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             # An empty DIFF leaves the controller's global model untouched.
             return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
         start = time.perf_counter()
-        names = list(self._sum) or list(self._on_disk[0][0])
-        # Tensors in parallel: reading the offloaded files and the fp32 sums are bound by memory, not one core.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            params = dict(zip(names, pool.map(self._average, names), strict=True))
+        params = {name: self._average(name) for name in list(self._sum) or list(self._on_disk[0][0])}
         from_disk, self._on_disk = len(self._on_disk), []  # drops the last references: NVFlare deletes the files
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
