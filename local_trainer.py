@@ -83,6 +83,9 @@ class TrainConfig:
     # Off by default: it recomputes activations, trading speed for memory (BENCHMARKS.md); turn it on when short.
     gradient_checkpointing: bool = False
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast over fp32 master weights"})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile each decoder layer and vision block (dynamic shapes)"}
+    )
     seed: int = field(default=42, metadata={"help": "round r shuffles its data with seed + r"})
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
@@ -465,6 +468,9 @@ class LocalTrainer:
             config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation, **sharding
         )
         self.model.config.use_cache = self.model.config.text_config.use_cache = False
+        if config.torch_compile:  # per block: small graphs, compiled once for the whole job, dynamic sequence length
+            for block in [*self.model.model.language_model.layers, *self.model.model.visual.blocks]:
+                block.compile(dynamic=True)
         self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
 
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:

@@ -179,7 +179,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model and images: a CPU smoke test")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
-    ap.add_argument("--configs", default="bs8,bs16", help="comma list of bsN or bsN-gc (activation checkpointing)")
+    ap.add_argument(
+        "--configs", default="bs8,bs16", help="comma list of bsN[-gc][-compile]: checkpointing, torch.compile"
+    )
     ap.add_argument("--mixed_sizes", action="store_true", help="a mix of image sizes instead of 448x448 only")
     ap.add_argument("--profile", default=None, help="write a torch.profiler op table of the timed round to this file")
     ap.add_argument("--workdir", default=None, help="where to build the model and data (default: a temp dir)")
@@ -193,12 +195,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps(dict(device=device, torch=torch.__version__, mixed_sizes=args.mixed_sizes)), flush=True)
     for spec in args.configs.split(","):
-        bs = int(spec.split("-")[0].removeprefix("bs"))
+        bs, *options = spec.split("-")
+        bs = int(bs.removeprefix("bs"))
         cfg = TrainConfig(
             model_name_or_path=str(model_dir), dataset_use=str(work / "data"), image_root=str(work / "data"),
             output_dir=str(work / "out"), per_device_train_batch_size=bs, gradient_accumulation_steps=1,
-            gradient_checkpointing=spec.endswith("-gc"), learning_rate=1e-5, max_pixels=max_pixels,
-            min_pixels=784, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1,
+            gradient_checkpointing="gc" in options, torch_compile="compile" in options, learning_rate=1e-5,
+            max_pixels=max_pixels, min_pixels=784, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1,
             dataloader_num_workers=0 if args.tiny else min(8, os.cpu_count() or 1), bf16=torch.cuda.is_available(),
         )  # fmt: skip
         t0 = time.time()
