@@ -83,8 +83,10 @@ class TrainConfig:
     # Off by default: it recomputes activations, trading speed for memory (BENCHMARKS.md); turn it on when short.
     gradient_checkpointing: bool = False
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast over fp32 master weights"})
+    # On by default with a GPU: faster and leaner there (BENCHMARKS.md); on CPUs compiling takes minutes.
     torch_compile: bool = field(
-        default=False, metadata={"help": "torch.compile each decoder layer and vision block (dynamic shapes)"}
+        default=torch.cuda.is_available(),
+        metadata={"help": "torch.compile each decoder layer and vision block (default: on with a CUDA GPU)"},
     )
     seed: int = field(default=42, metadata={"help": "round r shuffles its data with seed + r"})
     lr_scheduler_type: str = "cosine"
