@@ -45,17 +45,18 @@ def _atomic_write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _is_lazy(value) -> bool:
+    """True for NVFlare's lazy reference to a tensor offloaded to disk."""
+    return callable(getattr(value, "materialize", None))
+
+
 def _materialize(value) -> torch.Tensor:
-    """A tensor from an in-memory value or from NVFlare's lazy reference to an offloaded one (read from disk now)."""
-    return value.materialize() if callable(getattr(value, "materialize", None)) else torch.as_tensor(value)
+    """A tensor from an in-memory value or from a lazy reference to an offloaded one (read from disk now)."""
+    return value.materialize() if _is_lazy(value) else torch.as_tensor(value)
 
 
-def _is_on_disk(params: dict) -> bool:
-    return any(callable(getattr(v, "materialize", None)) for v in params.values())
-
-
-def share_disk_offload_with_job_cell(engine) -> bool:
-    """Make NVFlare 2.9's simulator offload results to disk as POC and production do; True if it had to.
+def share_disk_offload_with_job_cell(engine) -> None:
+    """Make NVFlare 2.9's simulator offload results to disk as POC and production do.
 
     FedAvg turns the offload on in the engine's cell. In POC and production that is the server job's cell, on which
     the results arrive; in the simulator the engine holds the root cell and the results arrive on `server.job_cell`.
@@ -63,11 +64,10 @@ def share_disk_offload_with_job_cell(engine) -> bool:
     job_cell = getattr(getattr(engine, "server", None), "job_cell", None)
     cell = engine.get_cell() if engine is not None else None
     if job_cell is None or cell is None or job_cell is cell:
-        return False
+        return
     settings = cell.get_fobs_context()
     keys = (FOBSContextKey.TENSOR_DISK_OFFLOAD, "tensor_disk_offload_root_dir")  # NVFlare's own context keys
     job_cell.update_fobs_context({key: settings.get(key) for key in keys})
-    return True
 
 
 class SampleWeightedFedAvg(ModelAggregator):
@@ -104,7 +104,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
             record["weight"] = weight
-            if _is_on_disk(model.params):
+            if any(_is_lazy(v) for v in model.params.values()):
                 self._on_disk.append((model.params, weight))  # averaged tensor by tensor in aggregate_model
             else:
                 self._add(model.params, weight)

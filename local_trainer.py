@@ -620,15 +620,16 @@ class LocalTrainer:
         config = self.model.config
         # With its distributed_config, save_pretrained would gather the weights again (every rank): hide it meanwhile.
         sharding, config.distributed_config = getattr(config, "distributed_config", None), None
+        configs = [config, *(getattr(config, key) for key in config.sub_configs)]
         try:
             # 1 GB shards: safetensors copies a shard's tensors to the host at once
             self.model.save_pretrained(output_dir, state_dict=state, max_shard_size="1GB")
             # save_pretrained wrote the fp32 model's dtype; the weights are bf16 (dtype="auto" loads them so)
-            for sub in [config, *(getattr(config, key) for key in config.sub_configs)]:
+            for sub in configs:
                 sub.dtype = torch.bfloat16
             config.save_pretrained(output_dir)
         finally:
-            for sub in [config, *(getattr(config, key) for key in config.sub_configs)]:
+            for sub in configs:
                 sub.dtype = torch.float32
             config.distributed_config = sharding
         self.processor.save_pretrained(output_dir)
