@@ -27,7 +27,9 @@ CLI: `python local_trainer.py --model_name_or_path DIR --dataset_use data/site-1
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+import varlen_attention
 from model import DEFAULT_MODEL, TIED_LM_HEAD, is_tied, load_hf_model, untied_state_dict
 
 logger = logging.getLogger("local_trainer")
@@ -96,7 +99,13 @@ class TrainConfig:
     logging_steps: float = 10
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, mlflow, ..."})
     dataloader_num_workers: int = 0
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "pack each batch's samples into one row with per-sample (varlen) attention: no padding"},
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "for --padding_free False: sdpa, eager or flash_attention_2"}
+    )
     fsdp: bool = field(
         default=False,
         metadata={"help": "shard the model over this site's torchrun ranks with FSDP2 (fully_shard) instead of DDP"},
@@ -329,14 +338,7 @@ class SFTCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
-        batch = {
-            key: torch.nn.utils.rnn.pad_sequence([s[key] for s in samples], batch_first=True, padding_value=value)
-            for key, value in pad.items()
-            if key in samples[0]
-        }
-        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
+        batch = self.text(samples)
         with_images = [s for s in samples if "pixel_values" in s]
         if with_images:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
@@ -345,6 +347,64 @@ class SFTCollator:
             [len(samples), sum(s["skipped"] for s in samples), sum(s["truncated"] for s in samples)]
         )
         return batch
+
+    def text(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+        batch = {
+            key: torch.nn.utils.rnn.pad_sequence([s[key] for s in samples], batch_first=True, padding_value=value)
+            for key, value in pad.items()
+            if key in samples[0]
+        }
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
+        return batch
+
+
+class PackedCollator(SFTCollator):
+    """Puts the samples end to end in one row, without padding, for `varlen_attention` (see varlen_attention.py).
+
+    Each sample keeps its own positions: Qwen3-VL's M-RoPE, computed here per sample by transformers' own
+    `get_rope_index` (in DataLoader workers, not on the GPU's critical path), under a row of plain text positions
+    that restart at 0. `packed_cu_seqlens` marks where samples start. No logit crosses a boundary: a sample's first
+    token is `<|im_start|>`, which is never a label.
+    """
+
+    def __init__(self, model_config) -> None:
+        self.rope = _RopeIndex(model_config)
+
+    def text(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(s["input_ids"]) for s in samples]
+        batch = {key: torch.cat([s[key] for s in samples])[None] for key in ("input_ids", "labels", "mm_token_type_ids")
+                 if key in samples[0]}  # fmt: skip
+        text = torch.cat([torch.arange(n) for n in lengths])
+        mrope = torch.cat([self._mrope(s) for s in samples], dim=1)
+        batch["position_ids"] = torch.cat([text[None], mrope])[:, None]  # (4, 1, tokens): text, then M-RoPE t, h, w
+        batch["packed_cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        batch["packed_max_seqlen"] = max(lengths)
+        return batch
+
+    def _mrope(self, sample: dict[str, Any]) -> torch.Tensor:
+        ids, grid = sample["input_ids"], sample.get("image_grid_thw")
+        if "mm_token_type_ids" not in sample:
+            return torch.arange(len(ids)).expand(3, -1)
+        return self.rope(ids[None], sample["mm_token_type_ids"][None], grid)[:, 0]
+
+
+class _RopeIndex:
+    """transformers' Qwen3-VL M-RoPE positions (`Qwen3VLModel.get_rope_index`) without a model: it needs the config."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def __call__(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, grid: torch.Tensor | None):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        return Qwen3VLModel.get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=grid)[0]
+
+    def get_vision_position_ids(self, *args, **kwargs) -> torch.Tensor:  # get_rope_index calls it on self
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        return Qwen3VLModel.get_vision_position_ids(self, *args, **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------------- trainer
@@ -357,15 +417,30 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+def answer_only_loss(outputs, labels: torch.Tensor, num_items_in_batch=None, cross_entropy=None) -> torch.Tensor:
     """Next-token cross-entropy over logits computed at `answer_positions` only (see RoundTrainer.compute_loss).
 
     Projecting only the labelled positions onto the 151,936-token vocabulary skips the lm_head matmul and the fp32
     logits for image and question tokens: about half the logits memory on PubMedVision-shaped samples.
+    `cross_entropy`: a compiled `summed_cross_entropy` (see `compiled_cross_entropy`), or None for the eager one.
     """
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    loss = (cross_entropy or summed_cross_entropy)(outputs.logits, targets)
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of bf16 (or fp32) logits, computed in fp32."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+@functools.cache
+def compiled_cross_entropy():
+    """`summed_cross_entropy` compiled: fused kernels without fp32 copies of the logits.
+
+    On an H100, 6,000 answer tokens' bf16 logits: 1.7 GiB beyond the logits instead of 10.2, 4.0 ms instead of 15.6.
+    """
+    return torch.compile(summed_cross_entropy, dynamic=True)
 
 
 def _make_round_trainer_class():
@@ -466,14 +541,21 @@ class LocalTrainer:
             sharding["distributed_config"] = DistributedConfig(fsdp_size=self.world_size, fsdp_plan=FSDP_PLAN)
         else:
             sharding["device_map"] = self.device  # straight onto the GPU: no 8.5 GB fp32 copy in host memory
+        attention = varlen_attention.register() if config.padding_free else config.attn_implementation
         self.model = load_hf_model(
-            config.model_name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation, **sharding
+            config.model_name_or_path, dtype=torch.float32, attn_implementation=attention, **sharding
         )
         self.model.config.use_cache = self.model.config.text_config.use_cache = False
+        if config.padding_free:
+            varlen_attention.use_in_vision_tower(self.model)
         if config.torch_compile:  # per block: small graphs, compiled once for the whole job, dynamic sequence length
             for block in [*self.model.model.language_model.layers, *self.model.model.visual.blocks]:
                 block.compile(dynamic=True)
-        self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
+        self._cross_entropy = compiled_cross_entropy() if config.torch_compile else None
+        if config.padding_free:
+            self.collator = PackedCollator(self.model.config)
+        else:
+            self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
 
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
         """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks.
@@ -550,7 +632,7 @@ class LocalTrainer:
             train_dataset=self.dataset,
             data_collator=self.collator,
             callbacks=self.callbacks,
-            compute_loss_func=answer_only_loss,
+            compute_loss_func=functools.partial(answer_only_loss, cross_entropy=self._cross_entropy),
         )
         trainer.autocast_bf16 = self.config.bf16
         try:

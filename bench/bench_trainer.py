@@ -113,6 +113,7 @@ def loader_rate(trainer: LocalTrainer, batch_size: int, workers: int, batches: i
 
     loader = DataLoader(trainer.dataset, batch_size=batch_size, num_workers=workers, collate_fn=trainer.collator,
                         shuffle=True)  # fmt: skip
+    batches = min(batches, len(loader) - 1)
     it = iter(loader)
     next(it)
     start = time.perf_counter()
@@ -141,8 +142,9 @@ def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = 
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             m = trainer.train_round(None).metrics
-        table = prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total",
-                                          row_limit=40, max_name_column_width=60)  # fmt: skip
+        key = "cuda" if torch.cuda.is_available() else "cpu"
+        table = "\n".join(prof.key_averages().table(sort_by=f"{kind}{key}_time_total", row_limit=40,
+                                                    max_name_column_width=70) for kind in ("", "self_"))  # fmt: skip
         profile_to.write_text(table)
         print(table, flush=True)
     else:
@@ -180,7 +182,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model and images: a CPU smoke test")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     ap.add_argument(
-        "--configs", default="bs8,bs16", help="comma list of bsN[-gc][-compile]: checkpointing, torch.compile"
+        "--configs",
+        default="bs8,bs16",
+        help="comma list of bsN[-gc][-compile][-pad]: checkpointing, torch.compile, padded batches (not packed)",
     )
     ap.add_argument("--mixed_sizes", action="store_true", help="a mix of image sizes instead of 448x448 only")
     ap.add_argument("--profile", default=None, help="write a torch.profiler op table of the timed round to this file")
@@ -200,7 +204,8 @@ def main() -> None:
         cfg = TrainConfig(
             model_name_or_path=str(model_dir), dataset_use=str(work / "data"), image_root=str(work / "data"),
             output_dir=str(work / "out"), per_device_train_batch_size=bs, gradient_accumulation_steps=1,
-            gradient_checkpointing="gc" in options, torch_compile="compile" in options, learning_rate=1e-5,
+            gradient_checkpointing="gc" in options, torch_compile="compile" in options,
+            padding_free="pad" not in options, learning_rate=1e-5,
             max_pixels=max_pixels, min_pixels=784, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1,
             dataloader_num_workers=0 if args.tiny else min(8, os.cpu_count() or 1), bf16=torch.cuda.is_available(),
         )  # fmt: skip

@@ -16,6 +16,7 @@ import torch
 from local_trainer import (
     IGNORE_INDEX,
     LocalTrainer,
+    PackedCollator,
     SFTCollator,
     SFTDataset,
     SkipSample,
@@ -208,6 +209,65 @@ def test_collator_pads_right_and_stacks_images(synthetic_pubmedvision, processor
     assert batch["image_grid_thw"].shape == (3, 3)
     assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples)
     assert batch["sample_counts"].tolist() == [2, 0, 0]
+
+
+def _mixed_samples(synthetic_pubmedvision, processor) -> list[dict]:
+    """Two images, one image, and no image (a text-only turn), in one batch."""
+    records = _records(synthetic_pubmedvision)
+    two, one = next(r for r in records if len(r["image"]) == 2), next(r for r in records if len(r["image"]) == 1)
+    text_only = {**records[5], "image": []}
+    dataset = _dataset([two, one, text_only], synthetic_pubmedvision, processor)
+    return [dataset[i] for i in range(3)]
+
+
+def test_packed_collator_puts_samples_end_to_end_with_their_own_positions(synthetic_pubmedvision, processor,
+                                                                          tiny_model_dir):  # fmt: skip
+    from transformers import AutoConfig
+
+    samples = _mixed_samples(synthetic_pubmedvision, processor)
+    batch = PackedCollator(AutoConfig.from_pretrained(tiny_model_dir))(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == batch["labels"].shape == (1, sum(lengths))
+    assert torch.equal(batch["input_ids"][0], torch.cat([s["input_ids"] for s in samples]))
+    assert batch["packed_cu_seqlens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert batch["packed_max_seqlen"] == max(lengths) and "attention_mask" not in batch
+    positions = batch["position_ids"]
+    assert positions.shape == (4, 1, sum(lengths))
+    starts = batch["packed_cu_seqlens"].tolist()
+    for start, end in zip(starts, starts[1:], strict=False):  # every sample's positions start at 0
+        assert positions[0, 0, start:end].tolist() == list(range(end - start))
+        assert positions[1:, 0, start].tolist() == [0, 0, 0]
+    image = samples[0]["mm_token_type_ids"] == 1  # image tokens: a 2-D grid of (h, w) positions, not a line
+    assert len(set(positions[2, 0, : lengths[0]][image].tolist())) < int(image.sum())
+    assert torch.equal(positions[1, 0, lengths[0] + lengths[1] :], positions[0, 0, lengths[0] + lengths[1] :])
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["sample_counts"].tolist() == [3, 0, 0]
+
+
+def test_packed_batches_compute_what_padded_batches_do(synthetic_pubmedvision, processor, tiny_model_dir):
+    """The same samples padded (sdpa, attention mask) and packed (varlen attention): same loss, same gradients."""
+    import varlen_attention
+    from model import load_hf_model
+
+    samples = _mixed_samples(synthetic_pubmedvision, processor)
+    results = []
+    for attention, collator in [
+        ("sdpa", SFTCollator(processor.tokenizer.pad_token_id)),
+        (varlen_attention.register(), None),
+    ]:
+        model = load_hf_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation=attention)
+        if collator is None:
+            varlen_attention.use_in_vision_tower(model)
+            assert model.model.visual.blocks[0].attn.config._attn_implementation == varlen_attention.VISION_ATTENTION
+        batch = (collator or PackedCollator(model.config))(samples)
+        batch.pop("sample_counts")
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
+    for key, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
 
 
 # --------------------------------------------------------------------------------------------------------- flags
@@ -570,6 +630,22 @@ def test_answer_only_loss_equals_the_full_causal_lm_loss(trainer):
         sliced = trainer.model(**batch, logits_to_keep=answer_positions(labels))
         assert sliced.logits.shape[0] == int((labels[:, 1:] != -100).sum()) < labels.numel()
         assert torch.allclose(answer_only_loss(sliced, labels), full, rtol=1e-5)
+
+
+def test_compiled_cross_entropy_equals_eager_with_its_gradient():
+    from local_trainer import compiled_cross_entropy, summed_cross_entropy
+
+    logits = torch.randn(37, 1000, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 1000, (37,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for cross_entropy in (summed_cross_entropy, compiled_cross_entropy()):
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x, targets)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert results[0][0].dtype == results[1][0].dtype == torch.float32
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
 
 
 @pytest.mark.slow
