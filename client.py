@@ -32,6 +32,8 @@ import torch.distributed as dist
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
+from model import is_lazy
+
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -103,6 +105,25 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, 
         (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
 
 
+def receive_to_disk(context, folder: Path) -> bool:
+    """Have NVFlare write the global weights it receives into `folder` instead of host memory (tensor disk offload).
+
+    The trainer then reads them back one tensor at a time as it copies them into its model, so the site never holds
+    the whole received state (4.26 GB for the 2B model) in host memory; NVFlare deletes the files once the trainer
+    lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Returns False where the
+    Client API has no cell of its own to set this on (then the weights arrive in memory as before).
+    """
+    from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
+    from nvflare.fuel.utils.fobs import FOBSContextKey
+
+    cell = getattr(getattr(context, "api", None), "_cell", None)  # the external-process Client API's cell
+    if cell is None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    cell.update_fobs_context({FOBSContextKey.TENSOR_DISK_OFFLOAD: True, _TENSOR_DISK_OFFLOAD_ROOT_DIR: str(folder)})
+    return True
+
+
 def _exit_on_sigterm(*_) -> None:
     print(f"rank {RANK}: SIGTERM, exiting", flush=True)
     os._exit(0)
@@ -119,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         train_argv += ["--output_dir", str(work_dir / "trainer_output")]
     site, writer = None, None
     if RANK == 0:
-        flare.init(rank="0")
+        context = flare.init(rank="0")
         site = flare.get_site_name()
         writer = SummaryWriter()
         work_dir.mkdir(parents=True, exist_ok=True)
+        on_disk = receive_to_disk(context, work_dir / "received")
+        print(f"site={site}: global weights are received {'to disk' if on_disk else 'in memory'}", flush=True)
     site = broadcast(site)
     # If NVFlare has to SIGTERM us (no orderly SHUTDOWN in time), leave at once: NVFlare's messaging threads
     # would keep a normal interpreter exit waiting until the SIGKILL.
@@ -140,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
             if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
                 trainer = build_trainer(args.trainer, train_argv)
             global_state = global_model.params if RANK == 0 else None
+            if global_state is not None:
+                lazy = sum(map(is_lazy, global_state.values()))
+                print(
+                    f"site={site} round={round_num}: received {len(global_state)} tensors ({lazy} on disk)", flush=True
+                )
             if global_model is not None:
                 global_model.params = None  # the trainer holds the only reference: no extra copy lives on
             result = trainer.train_round(global_state, release_global_state=True)  # frees it before training

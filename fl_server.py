@@ -34,6 +34,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.fuel.utils.fobs import FOBSContextKey
 
+from model import is_lazy, materialize
+
 SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
 NUM_SAMPLES = "NUM_SAMPLES"
@@ -43,16 +45,6 @@ def _atomic_write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
-
-
-def _is_lazy(value) -> bool:
-    """True for NVFlare's lazy reference to a tensor offloaded to disk."""
-    return callable(getattr(value, "materialize", None))
-
-
-def _materialize(value) -> torch.Tensor:
-    """A tensor from an in-memory value or from a lazy reference to an offloaded one (read from disk now)."""
-    return value.materialize() if _is_lazy(value) else torch.as_tensor(value)
 
 
 def share_disk_offload_with_job_cell(engine) -> None:
@@ -104,7 +96,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
             record["weight"] = weight
-            if any(_is_lazy(v) for v in model.params.values()):
+            if any(is_lazy(v) for v in model.params.values()):
                 self._on_disk.append((model.params, weight))  # averaged tensor by tensor in aggregate_model
             else:
                 self._add(model.params, weight)
@@ -116,7 +108,7 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     def _add(self, params: dict, weight: float) -> None:
         for name, value in params.items():
-            value = _materialize(value)
+            value = materialize(value)
             if name not in self._sum:
                 self._dtypes[name] = value.dtype
                 self._sum[name] = value.to(torch.float32, copy=True).mul_(weight)
@@ -149,7 +141,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         """The weighted fp32 average of one tensor over the sites, in its original dtype."""
         total = self._sum.pop(name, None)
         for result, weight in self._on_disk:
-            value = _materialize(result[name])
+            value = materialize(result[name])
             self._dtypes.setdefault(name, value.dtype)
             if total is None:
                 total = value.to(torch.float32, copy=True).mul_(weight)

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 JOB_NAME = "qwen3-vl"
 DEMO_DIR = HERE / "demo"
 # Files each site needs next to client.py (qwen_official.py only when it exists).
-CLIENT_FILES = ("local_trainer.py", "model.py", "qwen_official.py")
+CLIENT_FILES = ("local_trainer.py", "varlen_attention.py", "model.py", "qwen_official.py")
 SERVER_FILES = ("fl_server.py", "model.py")
 # Small batches and images, and fp32 without gradient checkpointing: bf16 autocast is ~3x slower on CPU.
 DEMO_TRAIN_ARGS = (

@@ -44,7 +44,15 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import varlen_attention
-from model import DEFAULT_MODEL, TIED_LM_HEAD, is_tied, load_hf_model, untied_state_dict
+from model import (
+    DEFAULT_MODEL,
+    TIED_LM_HEAD,
+    is_tied,
+    load_hf_model,
+    materialize,
+    tensor_shape,
+    untied_state_dict,
+)
 
 logger = logging.getLogger("local_trainer")
 
@@ -560,7 +568,9 @@ class LocalTrainer:
     def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
         """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks.
 
-        Under FSDP rank 0's tensors are broadcast and each rank keeps its shard; `None` keeps the loaded weights.
+        Values may be NVFlare's lazy references to tensors offloaded to disk: each is read when copied, so the host
+        never holds the whole state. Under FSDP rank 0's tensors are broadcast and each rank keeps its shard; `None`
+        keeps the loaded weights.
         """
         params = untied_state_dict(self.model)  # under FSDP: shards (DTensors) with the full shapes
         problem = self._misfit(global_state, params) if self.rank == 0 and global_state is not None else ""
@@ -578,7 +588,7 @@ class LocalTrainer:
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    tensor.copy_(global_state[key])
+                    tensor.copy_(materialize(global_state[key]))
             if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)
@@ -590,7 +600,8 @@ class LocalTrainer:
         _reshard(self.model)
         state = {}
         if self.rank == 0:
-            state = {k: v for k, v in global_state.items() if k != TIED_LM_HEAD or not is_tied(self.model)}
+            tied = is_tied(self.model)
+            state = {k: materialize(v) for k, v in global_state.items() if k != TIED_LM_HEAD or not tied}
         # strict=False: _misfit has checked the keys, and a tied lm_head loads through the embedding it shares
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self.model, state, options=options)
@@ -602,9 +613,9 @@ class LocalTrainer:
         missing, unexpected = sorted(params.keys() - keys), sorted(keys - params.keys())
         common = sorted(keys & params.keys())
         shapes = [
-            f"{k} {tuple(state[k].shape)} != {tuple(params[k].shape)}"
+            f"{k} {tensor_shape(state[k])} != {tuple(params[k].shape)}"
             for k in common
-            if state[k].shape != params[k].shape
+            if tensor_shape(state[k]) != tuple(params[k].shape)
         ]
         problems = [
             f"missing {_preview(missing, 3)}" if missing else "",

@@ -59,6 +59,26 @@ def is_tied(hf_model: torch.nn.Module) -> bool:
     return out is not None and out.weight is hf_model.get_input_embeddings().weight
 
 
+def is_lazy(value) -> bool:
+    """True for NVFlare's lazy reference to a tensor it wrote to disk (tensor disk offload)."""
+    return callable(getattr(value, "materialize", None))
+
+
+def materialize(value) -> torch.Tensor:
+    """A tensor from an in-memory value, or from a lazy reference to an offloaded one (read from disk now)."""
+    return value.materialize() if is_lazy(value) else torch.as_tensor(value)
+
+
+def tensor_shape(value) -> tuple[int, ...]:
+    """The shape of a tensor, or of an offloaded one without reading its data (from the safetensors header)."""
+    if is_lazy(value):
+        from safetensors import safe_open
+
+        with safe_open(value.file_path, framework="pt") as f:
+            return tuple(f.get_slice(value.key).get_shape())
+    return tuple(value.shape)
+
+
 def untied_state_dict(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict without the tied lm_head copy (the embedding carries it)."""
     state = hf_model.state_dict()

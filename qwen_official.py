@@ -27,6 +27,7 @@ import torch.distributed as dist
 from packaging.version import Version
 
 from local_trainer import TrainConfig, TrainResult
+from model import materialize
 
 OFFICIAL_REPO = "QwenLM/Qwen3-VL"
 OFFICIAL_COMMIT = "96588727e44c78b25ba03ea03b8e12f7e64fd0da"
@@ -211,7 +212,7 @@ def write_round_model(
         dtype = torch.bfloat16 if cfg.bf16 else None
         tensors = {
             key: value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else None).contiguous()
-            for key, value in global_state.items()
+            for key, value in ((k, materialize(v)) for k, v in global_state.items())
             if not (tied and key == TIED_LM_HEAD)
         }
         save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})

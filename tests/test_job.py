@@ -133,6 +133,13 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     assert server_log.count("Empty result from client site-3, skipping") == 2
     # The results were offloaded to the server's disk and averaged from there, not held in its memory.
     assert server_log.count("averaged 2 site(s) over 24 samples in fp32 (2 read from disk)") == 2
+    # The sites received the global weights to disk and read them back tensor by tensor, not into their memory.
+    n_tensors = len(final)
+    for site in SITE_SIZES:
+        assert f"site={site}: global weights are received to disk" in proc.stdout
+        for rnd in (0, 1):
+            assert f"site={site} round={rnd}: received {n_tensors} tensors ({n_tensors} on disk)" in proc.stdout
+        assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
     losses = {(r["round"], r["site"]): r["loss"] for r in records}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
     assert "round 1 site-3: weight 0 (failed)" in proc.stdout
