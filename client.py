@@ -32,6 +32,7 @@ import torch.distributed as dist
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
+import host_memory
 from model import is_lazy
 
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -131,6 +132,7 @@ def _exit_on_sigterm(*_) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args, train_argv = parse_args(argv)
+    host_memory.apply()  # reused buffers for sending and receiving the weights
     # No leading timestamp: NVFlare puts timestamped lines on the console only, others into the site's log.txt.
     logging.basicConfig(level=logging.INFO, format=f"rank {RANK} %(name)s %(levelname)s: %(message)s")
     if WORLD_SIZE > 1 and not dist.is_initialized():

@@ -34,11 +34,13 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.fuel.utils.fobs import FOBSContextKey
 
+import host_memory
 from model import is_lazy, materialize
 
 SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
 NUM_SAMPLES = "NUM_SAMPLES"
+SLICE = 1 << 22  # elements averaged at a time: 16 MiB fp32 buffers
 
 
 def _atomic_write_json(path: Path, data) -> None:
@@ -67,9 +69,12 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     def __init__(self, weight_key: str = "samples"):
         super().__init__()
+        host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB results
         self.weight_key = weight_key
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
+        self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
+        self._slice_value: torch.Tensor | None = None
         self._on_disk: list[tuple[dict, float]] = []  # results offloaded to disk (lazy refs), with their weights
         self._total = 0.0
         self._loss_sum = 0.0
@@ -138,16 +143,32 @@ class SampleWeightedFedAvg(ModelAggregator):
         return result
 
     def _average(self, name: str) -> torch.Tensor:
-        """The weighted fp32 average of one tensor over the sites, in its original dtype."""
-        total = self._sum.pop(name, None)
-        for result, weight in self._on_disk:
-            value = materialize(result[name])
-            self._dtypes.setdefault(name, value.dtype)
-            if total is None:
-                total = value.to(torch.float32, copy=True).mul_(weight)
+        """The weighted fp32 average of one tensor over the sites, in its original dtype.
+
+        Offloaded results are summed a slice at a time in two small fp32 buffers that every tensor reuses. A
+        whole-tensor fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first),
+        would take 2-3 copies of the model's size in fresh memory every round, and each fresh page is a fault.
+        """
+        in_memory = self._sum.pop(name, None)
+        on_disk = [(materialize(result[name]), weight) for result, weight in self._on_disk]
+        dtype = self._dtypes.setdefault(name, on_disk[0][0].dtype if on_disk else in_memory.dtype)
+        if not on_disk:
+            return in_memory.div_(self._total).to(dtype)
+        if self._slice_sum is None:
+            self._slice_sum, self._slice_value = torch.empty(SLICE, dtype=torch.float32), torch.empty(SLICE)
+        out = torch.empty(on_disk[0][0].shape, dtype=dtype)
+        flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
+        for start in range(0, flat_out.numel(), SLICE):
+            stop = min(start + SLICE, flat_out.numel())
+            acc, value_fp32 = self._slice_sum[: stop - start], self._slice_value[: stop - start]
+            if flat_sum is None:
+                acc.zero_()
             else:
-                total.add_(value, alpha=weight)  # promotes to fp32 element by element: no fp32 copy of `value`
-        return total.div_(self._total).to(self._dtypes[name])
+                acc.copy_(flat_sum[start:stop])
+            for value, weight in on_disk:
+                acc.add_(value_fp32.copy_(value.reshape(-1)[start:stop]), alpha=weight)
+            flat_out[start:stop].copy_(acc.div_(self._total))
+        return out
 
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None

@@ -18,12 +18,14 @@ import time
 import warnings
 from pathlib import Path
 
+import host_memory
+
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "qwen3-vl"
 DEMO_DIR = HERE / "demo"
 # Files each site needs next to client.py (qwen_official.py only when it exists).
-CLIENT_FILES = ("local_trainer.py", "varlen_attention.py", "model.py", "qwen_official.py")
-SERVER_FILES = ("fl_server.py", "model.py")
+CLIENT_FILES = ("local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "qwen_official.py")
+SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py")
 # Small batches and images, and fp32 without gradient checkpointing: bf16 autocast is ~3x slower on CPU.
 DEMO_TRAIN_ARGS = (
     "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_pixels 4096 --min_pixels 1024 "
@@ -344,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe.export(job_dir=str(Path(args.export).resolve()))
         print(f"Job folder written to {Path(args.export).resolve() / JOB_NAME}")
         return 0
+    # The simulator's or POC's processes started from here (NVFlare's relays among them) inherit these.
+    for name, value in host_memory.ENV.items():
+        os.environ.setdefault(name, value)
     start = time.time()
     run = recipe.execute(make_env(args, list(sites)))
     result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()

@@ -17,11 +17,15 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_fl_round import peak_tree_rss  # noqa: E402
 
 SERVER_MODEL = '''
 import torch
@@ -109,20 +113,27 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     (work / "job.py").write_text(job)
     env = os.environ | dict(kv.split("=", 1) for kv in args.env)
     start = time.time()
-    proc = subprocess.run([sys.executable, "job.py"], cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "job.py"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    peak = {"rss": 0, "by_process": {}}
+    threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True).start()
+    stdout, stderr = proc.communicate()
     wall = time.time() - start
-    lines = [line for line in proc.stdout.splitlines() if "[transfer]" in line and "ExternalProcess" not in line]
+    lines = [line for line in stdout.splitlines() if "[transfer]" in line and "ExternalProcess" not in line]
     sends = [float(m.group(1)) for line in lines if (m := re.search(r"send ([\d.]+) s", line))]
     receives = download_seconds(work / "ws" / "transfer" / "server" / "log.txt")
     for line in lines:
         print(line[line.index("[transfer]") :])
     print(json.dumps({"env": args.env, "gb": args.gb, "clients": args.clients, "rounds": args.rounds,
                       "rc": proc.returncode,
-                      "wall_s": round(wall, 1), "receive_s": receives, "send_s": sends,
+                      "wall_s": round(wall, 1), "peak_tree_rss_gib": round(peak["rss"] / 2**30, 1),
+                      "peak_rss_gib_by_process": {k: round(v / 2**30, 1) for k, v in
+                                                  sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:6]},
+                      "receive_s": receives, "send_s": sends,
                       "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
                       "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0]}), flush=True)  # fmt: skip
     if proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        print(stdout[-3000:], stderr[-3000:])
 
 
 if __name__ == "__main__":

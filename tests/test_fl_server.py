@@ -10,6 +10,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
 from safetensors.torch import save_file
 
+import fl_server
 from fl_server import SampleWeightedFedAvg
 
 
@@ -40,8 +41,10 @@ def expected_average(results: list[tuple[dict, float]]) -> dict[str, torch.Tenso
     return {k: (sum(w * p[k].double() for p, w in results) / total).to(torch.bfloat16) for k in results[0][0]}
 
 
+@pytest.mark.parametrize("slice_elements", [fl_server.SLICE, 100])  # 100: 64 x 32 takes 21 slices, the last short
 @pytest.mark.parametrize("where", ["memory", "disk", "mixed"])
-def test_sample_weighted_fp32_average(where, tmp_path):
+def test_sample_weighted_fp32_average(where, slice_elements, tmp_path, monkeypatch):
+    monkeypatch.setattr(fl_server, "SLICE", slice_elements)
     sites = [(random_params(i), samples) for i, samples in enumerate((16.0, 8.0, 3.0))]
     aggregator = SampleWeightedFedAvg()
     for i, (params, samples) in enumerate(sites):
