@@ -30,8 +30,8 @@ from bench_trainer import build_dataset, build_model_dir  # noqa: E402
 
 TRAIN_ARGS = (
     "--tune_mm_llm False --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_pixels 200704 "
-    "--warmup_ratio 0 --gradient_checkpointing False --logging_steps 1"
-)
+    "--warmup_ratio 0 --gradient_checkpointing False --logging_steps 1 --torch_compile False"
+)  # 2 steps of training: compiling would only lengthen the run, not the exchange being measured
 
 
 def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
