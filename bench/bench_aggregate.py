@@ -1,0 +1,72 @@
+"""Benchmark: the server's average of offloaded site results (fl_server.SampleWeightedFedAvg), alone.
+
+Writes `--sites` bf16 state dicts shaped like Qwen3-VL-2B's (the 622 MB embedding and 25 MB matrices, `--gb` GB
+each) as safetensors files, hands them to the aggregator as NVFlare's tensor disk offload does (LazyTensorDict
+references), and reports per repeat the seconds of `aggregate_model` and the page faults it took (fresh pages).
+Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--workdir /tmp/bench_aggregate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fl_server import SampleWeightedFedAvg  # noqa: E402
+
+
+def shapes(gb: float) -> dict[str, tuple[int, ...]]:
+    embed = (151936, 2048)
+    n = max(0, round((gb * 1e9 - embed[0] * embed[1] * 2) / (6144 * 2048 * 2)))
+    return {"embed": embed} | {f"mlp.{i}": (6144, 2048) for i in range(n)} | {f"norm.{i}": (2048,) for i in range(8)}
+
+
+def offloaded_result(folder: Path, layout: dict[str, tuple[int, ...]], value: float) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for i, (key, shape) in enumerate(layout.items()):
+        path = folder / f"{i}.safetensors"
+        if not path.exists():
+            save_file({key: torch.full(shape, value, dtype=torch.bfloat16)}, str(path))
+        files[key] = (str(path), key)
+    lazy = LazyTensorDict(files, str(folder))
+    return {key: lazy.make_lazy_ref(key) for key in layout}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gb", type=float, default=1.0, help="size of each site's bf16 result in GB")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/bench_aggregate")
+    args = parser.parse_args()
+
+    layout = shapes(args.gb)
+    results = [offloaded_result(Path(args.workdir) / f"site-{s}", layout, 1.0 + s) for s in range(args.sites)]
+    aggregator = SampleWeightedFedAvg()
+    rows = []
+    for _ in range(args.repeats):
+        for s, params in enumerate(results):
+            meta = {"client_name": f"site-{s}"}
+            aggregator.accept_model(FLModel(params=params, metrics={"samples": 1.0 + s}, meta=meta, current_round=0))
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        averaged = aggregator.aggregate_model().params
+        seconds = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        rows.append({"seconds": round(seconds, 2), "page_faults": faults})
+        del averaged
+    print(json.dumps({"gb_per_site": args.gb, "sites": args.sites, "threads": torch.get_num_threads(), "runs": rows}))
+
+
+if __name__ == "__main__":
+    main()
