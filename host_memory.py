@@ -1,12 +1,13 @@
 """glibc malloc settings for the processes that move multi-GB state dicts: the server, the sites, NVFlare's relays.
 
 NVFlare moves a state dict through one buffer after another: a safetensors copy of each tensor, stream chunks,
-reassembled messages, most of them 1-32 MiB. By default glibc gives every buffer above its mmap threshold (128 KiB
-at first, raised as buffers are freed) a fresh mapping, and hands freed heap tops back to the OS once they pass
-twice that threshold. Nearly every buffer is then new memory whose pages the kernel zero-fills on first touch: on
-the 2-core CI machine that was two thirds of an exchange's CPU time (7 million page faults to move 4 GB). With these
-settings buffers up to 32 MiB come from the heap and are reused; only larger ones (the 622 MB token embedding) still
-get a mapping of their own. NVFlare's per-round `malloc_trim` still returns the freed memory to the OS.
+reassembled messages, most of them 1-32 MiB. By default glibc gives a buffer above its mmap threshold (128 KiB at
+first, raised as such buffers are freed) a mapping of its own, and hands freed heap tops back to the OS once they
+pass twice that threshold, so many of these buffers are new memory whose pages the kernel faults in and zero-fills
+on first touch: 2.2-3.2 us a page on the H200 machine, 0.55-0.8 ms per MB, four to five times a copy into reused
+memory (bench/bench_host_floor.py). With these settings buffers up to 32 MiB come from the heap and are reused; only
+larger ones (the 622 MB token embedding) still get a mapping of their own. NVFlare's per-round `malloc_trim` still
+returns the freed memory to the OS.
 
 `ENV` is for processes started from here (glibc reads it at start-up); `apply()` sets the same in this process.
 """
