@@ -147,7 +147,8 @@ class SampleWeightedFedAvg(ModelAggregator):
 
         Offloaded results are summed a slice at a time in two small fp32 buffers that every tensor reuses. A
         whole-tensor fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first),
-        would take 2-3 copies of the model's size in fresh memory every round, and each fresh page is a fault.
+        take fresh memory several times the results' size every round, and each fresh page is a fault: 1.7 million
+        against 0.24 million for three 1 GB results (bench/bench_aggregate.py).
         """
         in_memory = self._sum.pop(name, None)
         on_disk = [(materialize(result[name]), weight) for result, weight in self._on_disk]
