@@ -4,11 +4,13 @@
 failed (weight 0 or `ERROR` in its meta) is left out, and when no site contributes the global model stays as it was.
 Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
 With NVFlare's tensor disk offload (job.py turns it on) the sites' results arrive as files on the server's disk; the
-average is then taken one tensor at a time when the last result is in, so the server never holds a whole result or
-an fp32 copy of the model in memory.
+average is then taken a slice at a time when the last result is in, read from the files into reused buffers, so the
+server never holds a whole result or an fp32 copy of the model in memory. From the second round on, the average is
+written into the tensors of the global model it replaces (the server then holds one global model, not two).
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
-background while the next round starts; optional start from a saved `FL_global_model.pt`) that, when the run ends,
+background while the next round goes on, finished before the next average overwrites its tensors; optional start
+from a saved `FL_global_model.pt`) that, when the run ends,
 also writes the global model as a Hugging Face directory (weights plus processor) that
 `Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its own: the global model's tensors
 are the only copy on the server.
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -41,12 +44,57 @@ SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
 NUM_SAMPLES = "NUM_SAMPLES"
 SLICE = 1 << 22  # elements averaged at a time: 16 MiB fp32 buffers
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def _atomic_write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+class OffloadedTensor:
+    """Where an offloaded tensor's bytes lie in NVFlare's safetensors file, to read slices of it into a buffer.
+
+    NVFlare's own `materialize()` maps the file and copies the whole tensor into fresh memory: two page faults per
+    4 KiB page, which on a VM cost microseconds each (bench/bench_host_floor.py), for every site's result every round.
+    """
+
+    def __init__(self, ref):
+        self.path, key = ref.file_path, ref.key
+        with open(self.path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(header_size))[key]
+        self.dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        self.shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        self.offset = 8 + header_size + begin
+        if self.dtype is None:
+            raise ValueError(
+                f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, not one of {list(SAFETENSORS_DTYPES)}"
+            )
+        if (
+            end - begin != math.prod(self.shape) * self.dtype.itemsize
+            or os.path.getsize(self.path) < self.offset + end - begin
+        ):
+            raise ValueError(f"{self.path}: tensor {key!r} is truncated or its header is inconsistent")
+
+    @staticmethod
+    def of(value) -> OffloadedTensor | None:
+        """The file location of NVFlare's lazy reference to an offloaded tensor; None for any other value."""
+        is_ref = isinstance(getattr(value, "file_path", None), str) and isinstance(getattr(value, "key", None), str)
+        return OffloadedTensor(value) if is_ref else None
+
+    def read(self, fd: int, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, read into the byte buffer `staging` (a view of it)."""
+        size = self.dtype.itemsize
+        view, done = memoryview(staging.numpy())[: (stop - start) * size], 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], self.offset + start * size + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: file ended before the tensor's data")
+            done += n
+        return staging[: len(view)].view(self.dtype)
 
 
 def share_disk_offload_with_job_cell(engine) -> None:
@@ -73,8 +121,10 @@ class SampleWeightedFedAvg(ModelAggregator):
         self.weight_key = weight_key
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
-        self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
+        self._slice_sum: torch.Tensor | None = None  # the buffers of _average, made once
         self._slice_value: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None
+        self._last_output: dict[str, torch.Tensor] = {}  # the global model this aggregator made last round
         self._on_disk: list[tuple[dict, float]] = []  # results offloaded to disk (lazy refs), with their weights
         self._total = 0.0
         self._loss_sum = 0.0
@@ -121,6 +171,12 @@ class SampleWeightedFedAvg(ModelAggregator):
                 self._sum[name].add_(value, alpha=weight)
 
     def aggregate_model(self) -> FLModel:
+        """The new global model. From the second round on it is written into the tensors of the previous one.
+
+        Overwriting the previous global model is safe here: every site has downloaded it before sending its result,
+        and `QwenPersistor` finishes writing it to disk on `BEFORE_AGGREGATION`. Every offloaded file is checked
+        before any tensor is overwritten.
+        """
         self._history.extend(self._round_records)
         self._write_history()
         if self._total <= 0:
@@ -128,13 +184,21 @@ class SampleWeightedFedAvg(ModelAggregator):
             # An empty DIFF leaves the controller's global model untouched.
             return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
         start = time.perf_counter()
-        params = {name: self._average(name) for name in list(self._sum) or list(self._on_disk[0][0])}
+        names = list(self._sum) or list(self._on_disk[0][0])
+        on_disk = [
+            ({name: OffloadedTensor.of(result[name]) or result[name] for name in names}, w)
+            for result, w in self._on_disk
+        ]
+        self._check_shapes(names, on_disk)
+        reused = sum(1 for name in names if self._reusable(name, on_disk) is not None)
+        params = {name: self._average(name, on_disk) for name in names}
         from_disk, self._on_disk = len(self._on_disk), []  # drops the last references: NVFlare deletes the files
+        self._last_output = params
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
         self.info(
-            f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk) "
-            f"in {time.perf_counter() - start:.1f} s"
+            f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk, "
+            f"{reused}/{len(names)} tensors written in place) in {time.perf_counter() - start:.1f} s"
         )
         result = FLModel(
             params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
@@ -142,33 +206,65 @@ class SampleWeightedFedAvg(ModelAggregator):
         self.reset_stats()
         return result
 
-    def _average(self, name: str) -> torch.Tensor:
+    def _check_shapes(self, names: list[str], on_disk: list[tuple[dict, float]]) -> None:
+        """Refuse results whose tensors differ in shape, before anything is overwritten."""
+        for name in names:
+            sources = [result[name] for result, _ in on_disk] + ([self._sum[name]] if name in self._sum else [])
+            shapes = {tuple(v.shape) for v in sources if isinstance(v, (OffloadedTensor, torch.Tensor))}
+            if len(shapes) > 1:
+                files = [v.path for v in sources if isinstance(v, OffloadedTensor)]
+                raise ValueError(f"the sites sent {name!r} in different shapes {sorted(shapes)} (files: {files})")
+
+    def _reusable(self, name: str, on_disk: list[tuple[dict, float]]) -> torch.Tensor | None:
+        """Last round's output tensor for `name`, when this round's average has its shape and dtype."""
+        old = self._last_output.get(name)
+        if old is None or not old.is_contiguous() or old.device.type != "cpu":
+            return None
+        if on_disk:
+            value = on_disk[0][0][name]
+            shape, dtype = (value.shape, value.dtype) if isinstance(value, OffloadedTensor) else (None, None)
+        else:
+            shape, dtype = self._sum[name].shape, self._dtypes[name]
+        return old if (tuple(old.shape), old.dtype) == (tuple(shape or ()), dtype) else None
+
+    def _average(self, name: str, on_disk: list[tuple[dict, float]]) -> torch.Tensor:
         """The weighted fp32 average of one tensor over the sites, in its original dtype.
 
-        Offloaded results are summed a slice at a time in two small fp32 buffers that every tensor reuses. A
-        whole-tensor fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first),
-        take fresh memory several times the results' size every round, and each fresh page is a fault: 1.7 million
-        against 0.24 million for three 1 GB results (bench/bench_aggregate.py).
+        Offloaded results are read a slice at a time into reused buffers and summed in fp32 there. A whole-tensor
+        fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first), take fresh memory
+        several times the results' size every round, and each fresh page is a fault: 1.7 million against 0.24
+        million for three 1 GB results (bench/bench_aggregate.py).
         """
+        out = self._reusable(name, on_disk)
         in_memory = self._sum.pop(name, None)
-        on_disk = [(materialize(result[name]), weight) for result, weight in self._on_disk]
-        dtype = self._dtypes.setdefault(name, on_disk[0][0].dtype if on_disk else in_memory.dtype)
-        if not on_disk:
-            return in_memory.div_(self._total).to(dtype)
+        values = [(value[name], weight) for value, weight in on_disk]
+        values = [(v if isinstance(v, OffloadedTensor) else materialize(v), w) for v, w in values]
+        dtype = self._dtypes.setdefault(name, values[0][0].dtype if values else in_memory.dtype)
+        if not values:
+            average = in_memory.div_(self._total)
+            return average.to(dtype) if out is None else out.copy_(average)
         if self._slice_sum is None:
             self._slice_sum, self._slice_value = torch.empty(SLICE, dtype=torch.float32), torch.empty(SLICE)
-        out = torch.empty(on_disk[0][0].shape, dtype=dtype)
-        flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
-        for start in range(0, flat_out.numel(), SLICE):
-            stop = min(start + SLICE, flat_out.numel())
-            acc, value_fp32 = self._slice_sum[: stop - start], self._slice_value[: stop - start]
-            if flat_sum is None:
-                acc.zero_()
-            else:
-                acc.copy_(flat_sum[start:stop])
-            for value, weight in on_disk:
-                acc.add_(value_fp32.copy_(value.reshape(-1)[start:stop]), alpha=weight)
-            flat_out[start:stop].copy_(acc.div_(self._total))
+            self._staging = torch.empty(SLICE * 4, dtype=torch.uint8)
+        out = torch.empty(values[0][0].shape, dtype=dtype) if out is None else out
+        files = [os.open(v.path, os.O_RDONLY) if isinstance(v, OffloadedTensor) else None for v, _ in values]
+        try:
+            flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
+            for start in range(0, flat_out.numel(), SLICE):
+                stop = min(start + SLICE, flat_out.numel())
+                acc, value_fp32 = self._slice_sum[: stop - start], self._slice_value[: stop - start]
+                if flat_sum is None:
+                    acc.zero_()
+                else:
+                    acc.copy_(flat_sum[start:stop])
+                for (value, weight), fd in zip(values, files, strict=True):
+                    part = value.read(fd, start, stop, self._staging) if fd is not None else value.view(-1)[start:stop]
+                    acc.add_(value_fp32.copy_(part), alpha=weight)
+                flat_out[start:stop].copy_(acc.div_(self._total))
+        finally:
+            for fd in files:
+                if fd is not None:
+                    os.close(fd)
         return out
 
     def _write_history(self) -> None:
@@ -201,7 +297,9 @@ class QwenPersistor(PTFileModelPersistor):
         next round's send does not wait for the disk. Each save waits for the one before; the run's end for the last.
         """
         self.wait_for_save()
-        self._get_persistence_manager(fl_ctx).update(ml)  # the aggregate's own tensors: nothing changes them later
+        # The aggregate's own tensors, not a copy: the next round's average overwrites them only after
+        # BEFORE_AGGREGATION, on which this persistor waits for the file.
+        self._get_persistence_manager(fl_ctx).update(ml)
         self._saver = threading.Thread(target=self._save_file, name="global-model-save")
         self._saver.start()
 
@@ -226,8 +324,8 @@ class QwenPersistor(PTFileModelPersistor):
         return learnable
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
-        if event in (EventType.END_RUN, AppEventType.GLOBAL_BEST_MODEL_AVAILABLE):
-            self.wait_for_save()
+        if event in (EventType.END_RUN, AppEventType.GLOBAL_BEST_MODEL_AVAILABLE, AppEventType.BEFORE_AGGREGATION):
+            self.wait_for_save()  # BEFORE_AGGREGATION: the average is about to overwrite the tensors being written
         super().handle_event(event, fl_ctx)
         if event == EventType.END_RUN and self.persistence_manager is not None:
             try:

@@ -4,7 +4,7 @@ Runs `python job.py` (NVFlare simulator, 3 sites on one GPU, a few training step
 the wall time between the server's "Aggregated N/N" lines minus the slowest site's training seconds (the
 overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree, also
 net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
-exchange), measured first.
+exchange), measured first. Once a second the RSS of every process over 1 GiB goes to WORKDIR/rss_timeline.json.
 Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR]
 """
 
@@ -36,10 +36,11 @@ TRAIN_ARGS = (
 
 def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
     """Poll the RSS of `proc` and its descendants every 0.2 s: the tree's maximum in peak['rss'], and each
-    process's own maximum in peak['by_process'] (keyed by pid and a short command line), to see who holds what."""
-    root = psutil.Process(proc.pid)
+    process's own maximum in peak['by_process'] (keyed by pid and a short command line), to see who holds what;
+    once a second, the time and every process over 1 GiB in peak['timeline'] (if present), to see when."""
+    root, last_row = psutil.Process(proc.pid), 0.0
     while proc.poll() is None:
-        total = 0
+        total, row = 0, {}
         for p in [root, *root.children(recursive=True)]:
             try:
                 rss = p.memory_info().rss
@@ -48,7 +49,14 @@ def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
                 continue
             total += rss
             peak["by_process"][key] = max(peak["by_process"].get(key, 0), rss)
+            if rss > 2**30:
+                row[key] = round(rss / 2**30, 2)
         peak["rss"] = max(peak["rss"], total)
+        if "timeline" in peak and time.time() - last_row >= 1.0:
+            last_row = time.time()
+            peak["timeline"].append(
+                {"time": datetime.now().strftime("%H:%M:%S"), "tree": round(total / 2**30, 2)} | row
+            )
         time.sleep(0.2)
 
 
@@ -122,7 +130,7 @@ def main() -> None:
         "--max_steps", str(args.max_steps), "--learning_rate", "1e-5", "--workspace", str(work / "ws"),
         f"--train_args={extra}", *gpu, *args.job_args,
     ]  # fmt: skip
-    peak = {"rss": 0, "by_process": {}}
+    peak = {"rss": 0, "by_process": {}, "timeline": []}
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
@@ -139,6 +147,7 @@ def main() -> None:
                    per_round=rows)  # fmt: skip
     top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
     summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
+    (work / "rss_timeline.json").write_text(json.dumps(peak["timeline"], indent=0))
     print(json.dumps(summary), flush=True)
 
 

@@ -4,9 +4,14 @@ Offloaded results are built with NVFlare's own `LazyTensorDict` over safetensors
 hands them to the aggregator.
 """
 
+import threading
+import time
+
 import pytest
 import torch
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
 from safetensors.torch import save_file
 
@@ -80,3 +85,77 @@ def test_no_contributing_site_keeps_the_global_model():
     aggregator.accept_model(site_result({}, 0.0, "site-1", error="boom"))
     result = aggregator.aggregate_model()
     assert result.params == {} and result.meta["nr_contributing_sites"] == 0
+
+
+def test_later_rounds_write_the_average_into_the_previous_global_model(tmp_path):
+    aggregator = SampleWeightedFedAvg()
+    outputs = []
+    for round_num in range(3):
+        sites = [(random_params(10 * round_num + i), samples) for i, samples in enumerate((4.0, 1.0))]
+        for i, (params, samples) in enumerate(sites):
+            sent = offloaded(params, tmp_path / f"r{round_num}-site-{i}") if i else dict(params)  # one on disk
+            aggregator.accept_model(site_result(sent, samples, f"site-{i}"))
+        result = aggregator.aggregate_model()
+        for key, value in expected_average(sites).items():
+            torch.testing.assert_close(result.params[key].float(), value.float(), rtol=2**-8, atol=1e-6)
+        outputs.append({k: v.data_ptr() for k, v in result.params.items()})
+    assert outputs[1] == outputs[2]  # the same storage from the second round on: one global model on the server
+
+
+def test_a_mismatched_or_truncated_result_leaves_the_global_model_intact(tmp_path):
+    aggregator = SampleWeightedFedAvg()
+    aggregator.accept_model(site_result(offloaded(random_params(0), tmp_path / "r0"), 1.0, "site-1"))
+    global_model = aggregator.aggregate_model().params
+    kept = {k: v.clone() for k, v in global_model.items()}
+
+    wrong_shape = random_params(1) | {"a": torch.zeros(32, 64, dtype=torch.bfloat16)}
+    aggregator.accept_model(site_result(offloaded(random_params(2), tmp_path / "r1-good"), 1.0, "site-1"))
+    aggregator.accept_model(site_result(offloaded(wrong_shape, tmp_path / "r1-bad"), 1.0, "site-2"))
+    with pytest.raises(ValueError, match="different shapes"):
+        aggregator.aggregate_model()
+    aggregator.reset_stats()
+
+    truncated = offloaded(random_params(3), tmp_path / "r2")
+    path = truncated["b"].file_path
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)
+    aggregator.accept_model(site_result(truncated, 1.0, "site-1"))
+    with pytest.raises(ValueError, match=f"{path}.*truncated"):
+        aggregator.aggregate_model()
+    for key, value in global_model.items():
+        assert torch.equal(value, kept[key])
+
+
+class _OtherLazyRef:
+    """A lazy reference that is not NVFlare's safetensors one: the aggregator falls back to `materialize()`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def materialize(self) -> torch.Tensor:
+        return self.tensor
+
+
+def test_other_lazy_references_are_materialized():
+    sites = [(random_params(i), samples) for i, samples in enumerate((2.0, 5.0))]
+    aggregator = SampleWeightedFedAvg()
+    for i, (params, samples) in enumerate(sites):
+        aggregator.accept_model(site_result({k: _OtherLazyRef(v) for k, v in params.items()}, samples, f"site-{i}"))
+    result = aggregator.aggregate_model()
+    for key, value in expected_average(sites).items():
+        torch.testing.assert_close(result.params[key].float(), value.float(), rtol=2**-8, atol=1e-6)
+
+
+def test_the_persistor_finishes_its_file_before_the_average_overwrites_the_global_model():
+    persistor = fl_server.QwenPersistor("unused-model-path")
+    saving = threading.Event()
+
+    def slow_save():
+        saving.set()
+        time.sleep(0.5)
+
+    persistor._saver = threading.Thread(target=slow_save)
+    persistor._saver.start()
+    saving.wait()
+    persistor.handle_event(AppEventType.BEFORE_AGGREGATION, FLContext())
+    assert persistor._saver is None
