@@ -7,8 +7,8 @@ weighs by (`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails 
 only the error in its meta, so the average ignores it; the site tries again next round.
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints, the latest round's checkpoint),
-`--save_sent` (also keep exactly what was sent each round under <work_dir>/sent, for checks); all others go to the
-trainer (`local_trainer.parse_train_args`).
+`--save_sent` (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors
+larger than this travel in row parts, transport.py); all others go to the trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 import host_memory
+import transport
 from model import is_lazy
 
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--trainer", choices=("builtin", "qwen"), default="builtin")
     parser.add_argument("--work_dir", default=None, help="checkpoint folder (default: ./qwen3vl_checkpoints)")
     parser.add_argument("--save_sent", action="store_true", help="keep the weights sent each round (sent/round-N)")
+    parser.add_argument(
+        "--part_mb",
+        type=float,
+        default=transport.PART_BYTES / 2**20,
+        help="send larger tensors in row parts (0: whole)",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"site={site} round={round_num}: received {len(global_state)} tensors ({lazy} on disk)", flush=True
                 )
+                global_state = transport.join(global_state)  # row parts under their tensor's name
             if global_model is not None:
                 global_model.params = None  # the trainer holds the only reference: no extra copy lives on
             result = trainer.train_round(global_state, release_global_state=True)  # frees it before training
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             if error is None:
                 out = FLModel(
                     params_type=ParamsType.FULL,
-                    params=result.state_dict,
+                    params=transport.split(result.state_dict, int(args.part_mb * 2**20)),
                     metrics=metrics,
                     meta={"NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
                 )

@@ -32,12 +32,14 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.fuel.utils.fobs import FOBSContextKey
 
 import host_memory
+import transport
 from model import is_lazy, materialize
 
 SITE_METRICS_FILE = "site_metrics.json"
@@ -174,8 +176,9 @@ class SampleWeightedFedAvg(ModelAggregator):
         """The new global model. From the second round on it is written into the tensors of the previous one.
 
         Overwriting the previous global model is safe here: every site has downloaded it before sending its result,
-        and `QwenPersistor` finishes writing it to disk on `BEFORE_AGGREGATION`. Every offloaded file is checked
-        before any tensor is overwritten.
+        and `QwenPersistor` finishes writing it to disk on `BEFORE_AGGREGATION`. Every result is checked (shapes,
+        files) before any tensor is overwritten. Row parts (transport.py) are averaged into their tensor's rows, and
+        the result has the keys the sites sent: the parts are views of the one averaged tensor.
         """
         self._history.extend(self._round_records)
         self._write_history()
@@ -184,21 +187,33 @@ class SampleWeightedFedAvg(ModelAggregator):
             # An empty DIFF leaves the controller's global model untouched.
             return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
         start = time.perf_counter()
-        names = list(self._sum) or list(self._on_disk[0][0])
-        on_disk = [
-            ({name: OffloadedTensor.of(result[name]) or result[name] for name in names}, w)
-            for result, w in self._on_disk
-        ]
-        self._check_shapes(names, on_disk)
-        reused = sum(1 for name in names if self._reusable(name, on_disk) is not None)
-        params = {name: self._average(name, on_disk) for name in names}
+        keys = list(self._sum) or list(self._on_disk[0][0])
+        on_disk = [({k: self._source(result[k]) for k in keys}, weight) for result, weight in self._on_disk]
+        sources = {k: [result[k] for result, _ in on_disk] + ([self._sum[k]] if k in self._sum else []) for k in keys}
+        self._check_shapes(sources)
+        tensors, reused = {}, 0
+        for name, (shape, parts) in transport.layout({k: tuple(v[0].shape) for k, v in sources.items()}).items():
+            dtype = self._dtypes.get(parts[0][0]) or sources[parts[0][0]][0].dtype
+            out = self._last_output.get(name)
+            if out is None or (tuple(out.shape), out.dtype, out.device.type) != (shape, dtype, "cpu"):
+                out = torch.empty(shape, dtype=dtype)
+            else:
+                reused += 1
+            for key, rows in parts:
+                self._average(key, on_disk, out if rows is None else out[rows])
+            tensors[name] = out
+        params = {
+            key: tensors[name] if rows is None else tensors[name][rows]
+            for key in keys
+            for name, rows in [transport.parse(key)]
+        }
         from_disk, self._on_disk = len(self._on_disk), []  # drops the last references: NVFlare deletes the files
-        self._last_output = params
+        self._last_output = tensors
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
         self.info(
             f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk, "
-            f"{reused}/{len(names)} tensors written in place) in {time.perf_counter() - start:.1f} s"
+            f"{reused}/{len(tensors)} tensors written in place) in {time.perf_counter() - start:.1f} s"
         )
         result = FLModel(
             params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
@@ -206,47 +221,36 @@ class SampleWeightedFedAvg(ModelAggregator):
         self.reset_stats()
         return result
 
-    def _check_shapes(self, names: list[str], on_disk: list[tuple[dict, float]]) -> None:
+    @staticmethod
+    def _source(value):
+        """NVFlare's offloaded tensor as a file location to read slices from; any other lazy value read now."""
+        return OffloadedTensor.of(value) or materialize(value)
+
+    @staticmethod
+    def _check_shapes(sources: dict[str, list]) -> None:
         """Refuse results whose tensors differ in shape, before anything is overwritten."""
-        for name in names:
-            sources = [result[name] for result, _ in on_disk] + ([self._sum[name]] if name in self._sum else [])
-            shapes = {tuple(v.shape) for v in sources if isinstance(v, (OffloadedTensor, torch.Tensor))}
+        for key, values in sources.items():
+            shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
-                files = [v.path for v in sources if isinstance(v, OffloadedTensor)]
-                raise ValueError(f"the sites sent {name!r} in different shapes {sorted(shapes)} (files: {files})")
+                files = [v.path for v in values if isinstance(v, OffloadedTensor)]
+                raise ValueError(f"the sites sent {key!r} in different shapes {sorted(shapes)} (files: {files})")
 
-    def _reusable(self, name: str, on_disk: list[tuple[dict, float]]) -> torch.Tensor | None:
-        """Last round's output tensor for `name`, when this round's average has its shape and dtype."""
-        old = self._last_output.get(name)
-        if old is None or not old.is_contiguous() or old.device.type != "cpu":
-            return None
-        if on_disk:
-            value = on_disk[0][0][name]
-            shape, dtype = (value.shape, value.dtype) if isinstance(value, OffloadedTensor) else (None, None)
-        else:
-            shape, dtype = self._sum[name].shape, self._dtypes[name]
-        return old if (tuple(old.shape), old.dtype) == (tuple(shape or ()), dtype) else None
-
-    def _average(self, name: str, on_disk: list[tuple[dict, float]]) -> torch.Tensor:
-        """The weighted fp32 average of one tensor over the sites, in its original dtype.
+    def _average(self, key: str, on_disk: list[tuple[dict, float]], out: torch.Tensor) -> None:
+        """Write the weighted fp32 average of one tensor over the sites into `out` (contiguous, its dtype).
 
         Offloaded results are read a slice at a time into reused buffers and summed in fp32 there. A whole-tensor
         fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first), take fresh memory
         several times the results' size every round, and each fresh page is a fault: 1.7 million against 0.24
         million for three 1 GB results (bench/bench_aggregate.py).
         """
-        out = self._reusable(name, on_disk)
-        in_memory = self._sum.pop(name, None)
-        values = [(value[name], weight) for value, weight in on_disk]
-        values = [(v if isinstance(v, OffloadedTensor) else materialize(v), w) for v, w in values]
-        dtype = self._dtypes.setdefault(name, values[0][0].dtype if values else in_memory.dtype)
+        in_memory = self._sum.pop(key, None)
+        values = [(result[key], weight) for result, weight in on_disk]
         if not values:
-            average = in_memory.div_(self._total)
-            return average.to(dtype) if out is None else out.copy_(average)
+            out.copy_(in_memory.div_(self._total))
+            return
         if self._slice_sum is None:
             self._slice_sum, self._slice_value = torch.empty(SLICE, dtype=torch.float32), torch.empty(SLICE)
             self._staging = torch.empty(SLICE * 4, dtype=torch.uint8)
-        out = torch.empty(values[0][0].shape, dtype=dtype) if out is None else out
         files = [os.open(v.path, os.O_RDONLY) if isinstance(v, OffloadedTensor) else None for v, _ in values]
         try:
             flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
@@ -265,7 +269,6 @@ class SampleWeightedFedAvg(ModelAggregator):
             for fd in files:
                 if fd is not None:
                     os.close(fd)
-        return out
 
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
@@ -281,6 +284,7 @@ class QwenPersistor(PTFileModelPersistor):
         model_name_or_path: str,
         source_ckpt_file_full_name: str | None = None,
         hf_dir_name: str = HF_DIR_NAME,
+        part_bytes: int = transport.PART_BYTES,
     ):
         super().__init__(
             model={"path": "model.Qwen3VLModel", "args": {"model_name_or_path": model_name_or_path}},
@@ -290,6 +294,7 @@ class QwenPersistor(PTFileModelPersistor):
         )
         self.model_name_or_path = model_name_or_path
         self.hf_dir_name = hf_dir_name
+        self.part_bytes = part_bytes  # the global model goes to the sites with larger tensors in row parts
         self._saver: threading.Thread | None = None
 
     def save_model(self, ml, fl_ctx: FLContext) -> None:
@@ -297,9 +302,11 @@ class QwenPersistor(PTFileModelPersistor):
         next round's send does not wait for the disk. Each save waits for the one before; the run's end for the last.
         """
         self.wait_for_save()
-        # The aggregate's own tensors, not a copy: the next round's average overwrites them only after
-        # BEFORE_AGGREGATION, on which this persistor waits for the file.
-        self._get_persistence_manager(fl_ctx).update(ml)
+        # The aggregate's own tensors under their own names (row parts are views of them), not a copy: the next
+        # round's average overwrites them only after BEFORE_AGGREGATION, on which this persistor waits for the file.
+        weights = transport.join(ml.get(ModelLearnableKey.WEIGHTS) or {})
+        weights = {k: materialize(v) if isinstance(v, transport.Parts) else v for k, v in weights.items()}
+        self._get_persistence_manager(fl_ctx).update(make_model_learnable(weights, ml.get(ModelLearnableKey.META)))
         self._saver = threading.Thread(target=self._save_file, name="global-model-save")
         self._saver.start()
 
@@ -321,6 +328,10 @@ class QwenPersistor(PTFileModelPersistor):
         if self.model is not None:
             self.model = self.model.to("meta")
             self.model.model.tie_weights()  # .to() gives each module its own meta copy of a shared weight
+        if learnable is not None and learnable.get(ModelLearnableKey.WEIGHTS):
+            learnable[ModelLearnableKey.WEIGHTS] = transport.split(
+                learnable[ModelLearnableKey.WEIGHTS], self.part_bytes
+            )
         return learnable
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:

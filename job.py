@@ -24,8 +24,10 @@ HERE = Path(__file__).resolve().parent
 JOB_NAME = "qwen3-vl"
 DEMO_DIR = HERE / "demo"
 # Files each site needs next to client.py (qwen_official.py only when it exists).
-CLIENT_FILES = ("local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "qwen_official.py")
-SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py")
+CLIENT_FILES = (
+    "local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "transport.py", "qwen_official.py"
+)  # fmt: skip
+SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py", "transport.py")
 # Small batches and images, and fp32 without gradient checkpointing: bf16 autocast is ~3x slower on CPU.
 DEMO_TRAIN_ARGS = (
     "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_pixels 4096 --min_pixels 1024 "
@@ -64,6 +66,10 @@ def define_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", dest="export_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume_from", default=None, help="FL_global_model.pt of an earlier run as initial weights")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without WANDB_API_KEY)")
+    p.add_argument(
+        "--part_mb", type=float, default=24,
+        help="tensors larger than this many MiB travel as row parts of at most this size (0: whole tensors)",
+    )  # fmt: skip
     t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
     t.add_argument("--launch_timeout", type=float, default=1800, help="site process start-up to first contact")
     t.add_argument("--get_task_timeout", type=float, default=1800, help="client waiting for the global model")
@@ -133,6 +139,7 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
     schedule = ["--max_steps", str(args.max_steps)] if args.max_steps else ["--num_train_epochs", "1"]
     flags = [
         "--trainer", args.trainer,
+        "--part_mb", f"{args.part_mb:g}",
         "--model_name_or_path", args.model_name_or_path,
         "--dataset_use", site_dir,
         "--image_root", site_path(args, args.image_root),
@@ -211,7 +218,9 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         name=JOB_NAME,
         min_clients=args.n_clients,
         num_rounds=args.num_rounds,
-        model_persistor=QwenPersistor(args.model_name_or_path, source_ckpt_file_full_name=resume),
+        model_persistor=QwenPersistor(
+            args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
+        ),
         aggregator=SampleWeightedFedAvg(),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,

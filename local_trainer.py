@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+import transport
 import varlen_attention
 from model import (
     DEFAULT_MODEL,
@@ -588,9 +589,7 @@ class LocalTrainer:
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    # Onto the model's device first, then cast: a blocking CPU-to-GPU copy_ that also changes the
-                    # dtype makes a full fp32 copy in host memory first (8.5 GB of fresh pages a round for 2B).
-                    tensor.copy_(materialize(global_state[key]).to(tensor.device))
+                    transport.copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
             if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)

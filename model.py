@@ -71,7 +71,7 @@ def materialize(value) -> torch.Tensor:
 
 def tensor_shape(value) -> tuple[int, ...]:
     """The shape of a tensor, or of an offloaded one without reading its data (from the safetensors header)."""
-    if is_lazy(value):
+    if is_lazy(value) and hasattr(value, "file_path"):
         from safetensors import safe_open
 
         with safe_open(value.file_path, framework="pt") as f:

@@ -15,9 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import transport
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB_NAME = "qwen3-vl"
 SITE_SIZES = {"site-1": 16, "site-2": 8}  # unequal, so a plain mean and a sample-weighted mean differ
+PART_MB = 4  # the tiny model's 19 MB token embedding travels in 5 row parts
 
 
 def free_port_base(count: int) -> int:
@@ -83,14 +86,14 @@ def site_data(tmp_path_factory, synthetic_pubmedvision) -> Path:
 
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory, tiny_model_dir, site_data, synthetic_pubmedvision):
-    """3 sites x 2 rounds, site-3 broken; returns (process, job workspace)."""
+    """3 sites x 2 rounds, site-3 broken, the token embedding sent in row parts; returns (process, job workspace)."""
     workspace = tmp_path_factory.mktemp("ws")
     proc = run_job(
         "--n_clients", "3", "--num_rounds", "2",
         "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
         "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "2e-3",
         "--workspace", str(workspace), "--master_port", str(free_port_base(3)),
-        f"--train_args={demo_train_args()}",
+        "--part_mb", str(PART_MB), f"--train_args={demo_train_args()}",
     )  # fmt: skip
     return proc, workspace / JOB_NAME
 
@@ -131,14 +134,21 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     assert weights_by_round == {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
     server_log = (ws / "server" / "log.txt").read_text()
     assert server_log.count("Empty result from client site-3, skipping") == 2
-    # The results were offloaded to the server's disk and averaged from there, not held in its memory.
-    assert server_log.count("averaged 2 site(s) over 24 samples in fp32 (2 read from disk)") == 2
-    # The sites received the global weights to disk and read them back tensor by tensor, not into their memory.
+    # The results were offloaded to the server's disk and averaged from there, not held in its memory; the second
+    # round's average went into the first one's tensors.
     n_tensors = len(final)
+    assert server_log.count("averaged 2 site(s) over 24 samples in fp32 (2 read from disk, ") == 2
+    assert f"(2 read from disk, 0/{n_tensors} tensors written in place)" in server_log
+    assert f"(2 read from disk, {n_tensors}/{n_tensors} tensors written in place)" in server_log
+    # The sites received the global weights to disk, the embedding in row parts, and read them back tensor by
+    # tensor (part by part), not into their memory.
+    n_sent = len(transport.split(final, int(PART_MB * 2**20)))
+    assert n_sent > n_tensors
     for site in SITE_SIZES:
         assert f"site={site}: global weights are received to disk" in proc.stdout
         for rnd in (0, 1):
-            assert f"site={site} round={rnd}: received {n_tensors} tensors ({n_tensors} on disk)" in proc.stdout
+            assert f"site={site} round={rnd}: received {n_sent} tensors ({n_sent} on disk)" in proc.stdout
+            assert f"site={site} round={rnd}: sent {n_sent} tensors" in proc.stdout
         assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
     losses = {(r["round"], r["site"]): r["loss"] for r in records}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
