@@ -4,8 +4,8 @@
 failed (weight 0 or `ERROR` in its meta) is left out, and when no site contributes the global model stays as it was.
 Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
 With NVFlare's tensor disk offload (job.py turns it on) the sites' results arrive as files on the server's disk; the
-average is then taken a slice at a time when the last result is in, read from the files into reused buffers, so the
-server never holds a whole result or an fp32 copy of the model in memory. From the second round on, the average is
+average is then taken a slice at a time when the last result is in, from the mapped files, so the server never holds
+a whole result or an fp32 copy of the model in memory. From the second round on, the average is
 written into the tensors of the global model it replaces (the server then holds one global model, not two).
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import threading
 import time
 from pathlib import Path
@@ -56,47 +55,36 @@ def _atomic_write_json(path: Path, data) -> None:
 
 
 class OffloadedTensor:
-    """Where an offloaded tensor's bytes lie in NVFlare's safetensors file, to read slices of it into a buffer.
+    """NVFlare's lazy reference to a tensor offloaded to a safetensors file, its shape and dtype checked up front.
 
-    NVFlare's own `materialize()` maps the file and copies the whole tensor into fresh memory: two page faults per
-    4 KiB page, which on a VM cost microseconds each (bench/bench_host_floor.py), for every site's result every round.
+    `tensor()` maps the file (safetensors reads nothing until the data is touched), so averaging from it costs no
+    copy; checking every file first means a truncated or mismatched result is refused before anything is overwritten.
     """
 
     def __init__(self, ref):
-        self.path, key = ref.file_path, ref.key
-        with open(self.path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            entry = json.loads(f.read(header_size))[key]
-        self.dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        self.shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        self.offset = 8 + header_size + begin
+        from safetensors import SafetensorError, safe_open
+
+        self.ref, self.path = ref, ref.file_path
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                part = f.get_slice(ref.key)
+                self.shape, dtype = tuple(part.get_shape()), part.get_dtype()
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{self.path}: offloaded tensor {ref.key!r} is unreadable: {e}") from e
+        self.dtype = SAFETENSORS_DTYPES.get(dtype)
         if self.dtype is None:
             raise ValueError(
-                f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, not one of {list(SAFETENSORS_DTYPES)}"
+                f"{self.path}: tensor {ref.key!r} has dtype {dtype}, not one of {list(SAFETENSORS_DTYPES)}"
             )
-        if (
-            end - begin != math.prod(self.shape) * self.dtype.itemsize
-            or os.path.getsize(self.path) < self.offset + end - begin
-        ):
-            raise ValueError(f"{self.path}: tensor {key!r} is truncated or its header is inconsistent")
 
     @staticmethod
     def of(value) -> OffloadedTensor | None:
-        """The file location of NVFlare's lazy reference to an offloaded tensor; None for any other value."""
+        """The checked form of NVFlare's lazy reference to an offloaded tensor; None for any other value."""
         is_ref = isinstance(getattr(value, "file_path", None), str) and isinstance(getattr(value, "key", None), str)
         return OffloadedTensor(value) if is_ref else None
 
-    def read(self, fd: int, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, read into the byte buffer `staging` (a view of it)."""
-        size = self.dtype.itemsize
-        view, done = memoryview(staging.numpy())[: (stop - start) * size], 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], self.offset + start * size + done)
-            if n <= 0:
-                raise OSError(f"{self.path}: file ended before the tensor's data")
-            done += n
-        return staging[: len(view)].view(self.dtype)
+    def tensor(self) -> torch.Tensor:
+        return self.ref.materialize()
 
 
 def share_disk_offload_with_job_cell(engine) -> None:
@@ -123,9 +111,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         self.weight_key = weight_key
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
-        self._slice_sum: torch.Tensor | None = None  # the buffers of _average, made once
+        self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
         self._slice_value: torch.Tensor | None = None
-        self._staging: torch.Tensor | None = None
         self._last_output: dict[str, torch.Tensor] = {}  # the global model this aggregator made last round
         self._on_disk: list[tuple[dict, float]] = []  # results offloaded to disk (lazy refs), with their weights
         self._total = 0.0
@@ -238,10 +225,10 @@ class SampleWeightedFedAvg(ModelAggregator):
     def _average(self, key: str, on_disk: list[tuple[dict, float]], out: torch.Tensor) -> None:
         """Write the weighted fp32 average of one tensor over the sites into `out` (contiguous, its dtype).
 
-        Offloaded results are read a slice at a time into reused buffers and summed in fp32 there. A whole-tensor
-        fp32 sum, and bf16 + fp32 arithmetic (torch casts the bf16 operand into a temporary first), take fresh memory
-        several times the results' size every round, and each fresh page is a fault: 1.7 million against 0.24
-        million for three 1 GB results (bench/bench_aggregate.py).
+        The sites' values are summed a slice at a time in two reused fp32 buffers. A whole-tensor fp32 sum, and bf16 +
+        fp32 arithmetic (torch casts the bf16 operand into a temporary first), take fresh memory several times the
+        results' size every round, and each fresh page is a fault: 1.7 million against 0.24 million for three 1 GB
+        results (bench/bench_aggregate.py), and none once `out` is the previous global model's tensor.
         """
         in_memory = self._sum.pop(key, None)
         values = [(result[key], weight) for result, weight in on_disk]
@@ -250,25 +237,20 @@ class SampleWeightedFedAvg(ModelAggregator):
             return
         if self._slice_sum is None:
             self._slice_sum, self._slice_value = torch.empty(SLICE, dtype=torch.float32), torch.empty(SLICE)
-            self._staging = torch.empty(SLICE * 4, dtype=torch.uint8)
-        files = [os.open(v.path, os.O_RDONLY) if isinstance(v, OffloadedTensor) else None for v, _ in values]
-        try:
-            flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
-            for start in range(0, flat_out.numel(), SLICE):
-                stop = min(start + SLICE, flat_out.numel())
-                acc, value_fp32 = self._slice_sum[: stop - start], self._slice_value[: stop - start]
-                if flat_sum is None:
-                    acc.zero_()
-                else:
-                    acc.copy_(flat_sum[start:stop])
-                for (value, weight), fd in zip(values, files, strict=True):
-                    part = value.read(fd, start, stop, self._staging) if fd is not None else value.view(-1)[start:stop]
-                    acc.add_(value_fp32.copy_(part), alpha=weight)
-                flat_out[start:stop].copy_(acc.div_(self._total))
-        finally:
-            for fd in files:
-                if fd is not None:
-                    os.close(fd)
+        # Offloaded values are mapped files here, one tensor at a time (its pages count as this process's memory
+        # only while it is mapped).
+        flat_values = [((v.tensor() if isinstance(v, OffloadedTensor) else v).view(-1), w) for v, w in values]
+        flat_out, flat_sum = out.view(-1), None if in_memory is None else in_memory.view(-1)
+        for start in range(0, flat_out.numel(), SLICE):
+            stop = min(start + SLICE, flat_out.numel())
+            acc, value_fp32 = self._slice_sum[: stop - start], self._slice_value[: stop - start]
+            if flat_sum is None:
+                acc.zero_()
+            else:
+                acc.copy_(flat_sum[start:stop])
+            for value, weight in flat_values:
+                acc.add_(value_fp32.copy_(value[start:stop]), alpha=weight)
+            flat_out[start:stop].copy_(acc.div_(self._total))
 
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None

@@ -2,7 +2,8 @@
 
 Writes `--sites` bf16 state dicts shaped like Qwen3-VL-2B's (the 622 MB embedding and 25 MB matrices, `--gb` GB
 each) as safetensors files, hands them to the aggregator as NVFlare's tensor disk offload does (LazyTensorDict
-references), and reports per repeat the seconds of `aggregate_model` and the page faults it took (fresh pages).
+references), and reports per repeat the seconds of `aggregate_model` and the page faults it took (fresh pages). The
+first repeat makes the new global model's tensors; later ones write into them, as the job's later rounds do.
 Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--workdir /tmp/bench_aggregate]
 """
 

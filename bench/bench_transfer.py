@@ -3,8 +3,9 @@
 Runs a FedAvgRecipe in the simulator (external client processes, PyTorch exchange, our aggregator with disk offload)
 whose clients receive the global state dict and send back a changed copy, and prints per round and client the
 seconds to receive and to send and the MB/s. `--env NAME=VALUE` passes NVFlare settings to every process of the run
-(e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side.
-Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--env NVFLARE_X=1 ...]
+(e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side; `--part_mb 24` sends tensors over
+24 MiB as row parts both ways (transport.py, as job.py does), 0 (the default) whole.
+Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from bench_fl_round import peak_tree_rss  # noqa: E402
 
 SERVER_MODEL = '''
 import torch
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+import transport
 
 class StateDictOnly(torch.nn.Module):
     """A 2B-shaped bf16 state dict: the 622 MB embedding and 25 MB matrices, `gb` GB in all."""
@@ -39,12 +44,30 @@ class StateDictOnly(torch.nn.Module):
         n = max(0, round((gb * 1e9 - self.embed.numel() * 2) / (6144 * 2048 * 2)))
         mats = (torch.nn.Parameter(torch.zeros(6144, 2048, dtype=torch.bfloat16)) for _ in range(n))
         self.mats = torch.nn.ParameterList(mats)
+
+
+class PartsPersistor(PTFileModelPersistor):
+    """NVFlare's persistor of StateDictOnly, sending the state dict with large tensors in row parts."""
+
+    def __init__(self, gb: float, part_bytes: int):
+        super().__init__(model={"path": "state_model.StateDictOnly", "args": {"gb": gb}}, allow_numpy_conversion=False)
+        self.gb, self.part_bytes = gb, part_bytes  # NVFlare writes the config from these attributes
+
+    def load_model(self, fl_ctx):
+        learnable = super().load_model(fl_ctx)
+        learnable[ModelLearnableKey.WEIGHTS] = transport.split(learnable[ModelLearnableKey.WEIGHTS], self.part_bytes)
+        return learnable
+
+    def save_model(self, ml, fl_ctx):
+        weights = transport.join(ml[ModelLearnableKey.WEIGHTS])
+        super().save_model(make_model_learnable(weights, ml.get(ModelLearnableKey.META)), fl_ctx)
 '''
 
 CLIENT = """
-import time, torch
+import sys, time, torch
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
+import transport
 
 flare.init()
 while flare.is_running():
@@ -55,6 +78,7 @@ while flare.is_running():
     round_num, received = received.current_round, None
     gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
     ready = time.time()
+    params = transport.split(params, int(sys.argv[1]))  # parts stay parts; whole tensors over the size are split
     flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
     print(f"[transfer] {flare.get_site_name()} round {round_num}: {gb:.2f} GB, send {time.time() - ready:.1f} s",
           flush=True)
@@ -82,6 +106,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=4.26, help="state dict size in GB (4.26: the 2B model)")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--part_mb", type=float, default=0, help="send tensors over this size in row parts; 0: whole")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every process of the run")
     args = parser.parse_args()
 
@@ -95,14 +120,20 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
 from nvflare.recipe import SimEnv
 from fl_server import SampleWeightedFedAvg
+from state_model import PartsPersistor
 
+part_bytes = {int(args.part_mb * 2**20)}
 recipe = FedAvgRecipe(name="transfer", model={{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}}}}},
+    model_persistor=PartsPersistor({args.gb}, part_bytes) if part_bytes else None, train_args=str(part_bytes),
     min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
     aggregator=SampleWeightedFedAvg(), enable_tensor_disk_offload=True, server_memory_gc_rounds=1,
     client_memory_gc_rounds=1)
-for f in ({str(work / "state_model.py")!r}, {str(ROOT / "fl_server.py")!r}):
-    recipe.add_server_file(f)
+for f in ("fl_server.py", "model.py", "host_memory.py", "transport.py"):
+    recipe.add_server_file({str(ROOT)!r} + "/" + f)
+for f in ("model.py", "transport.py"):
+    recipe.add_client_file({str(ROOT)!r} + "/" + f)
+recipe.add_server_file({str(work / "state_model.py")!r})
 recipe.add_client_file({str(work / "state_model.py")!r})
 timeouts = {{"get_task_timeout": 1200, "submit_task_result_timeout": 1200, "tensor_min_download_timeout": 1200,
             "streaming_per_request_timeout": 1200}}
@@ -124,7 +155,8 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     receives = download_seconds(work / "ws" / "transfer" / "server" / "log.txt")
     for line in lines:
         print(line[line.index("[transfer]") :])
-    print(json.dumps({"env": args.env, "gb": args.gb, "clients": args.clients, "rounds": args.rounds,
+    print(json.dumps({"env": args.env, "part_mb": args.part_mb, "gb": args.gb, "clients": args.clients,
+                      "rounds": args.rounds,
                       "rc": proc.returncode,
                       "wall_s": round(wall, 1), "peak_tree_rss_gib": round(peak["rss"] / 2**30, 1),
                       "peak_rss_gib_by_process": {k: round(v / 2**30, 1) for k, v in
