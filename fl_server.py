@@ -5,13 +5,14 @@ failed (weight 0 or `ERROR` in its meta) is left out, and when no site contribut
 Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
 With NVFlare's tensor disk offload (job.py turns it on) the sites' results arrive as files on the server's disk; the
 average is then taken a slice at a time when the last result is in, from the mapped files, so the server never holds
-a whole result or an fp32 copy of the model in memory. From the second round on, the average is
-written into the tensors of the global model it replaces (the server then holds one global model, not two).
+a whole result or an fp32 copy of the model in memory. The average is written into the tensors of the global model it
+replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
+(transport.py) are averaged into their tensor's rows.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
-background while the next round goes on, finished before the next average overwrites its tensors; optional start
-from a saved `FL_global_model.pt`) that, when the run ends,
-also writes the global model as a Hugging Face directory (weights plus processor) that
+background while the next round goes on and finished before the next average overwrites its tensors; optional start
+from a saved `FL_global_model.pt`) that sends the global model with large tensors in row parts and, when the run ends,
+also writes it as a Hugging Face directory (weights plus processor) that
 `Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its own: the global model's tensors
 are the only copy on the server.
 """
@@ -33,6 +34,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.fuel.utils.fobs import FOBSContextKey
@@ -124,6 +126,10 @@ class SampleWeightedFedAvg(ModelAggregator):
         super().handle_event(event_type, fl_ctx)
         if event_type == AppEventType.ROUND_STARTED:  # after FedAvg has set the offload up for the run
             share_disk_offload_with_job_cell(fl_ctx.get_engine())
+        elif event_type == AppEventType.INITIAL_MODEL_LOADED:  # the first average goes into the initial model
+            learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
+            weights = transport.join(learnable.get(ModelLearnableKey.WEIGHTS) or {})
+            self._last_output = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
     def reset_stats(self) -> None:
         self._sum, self._dtypes, self._on_disk = {}, {}, []
@@ -160,7 +166,7 @@ class SampleWeightedFedAvg(ModelAggregator):
                 self._sum[name].add_(value, alpha=weight)
 
     def aggregate_model(self) -> FLModel:
-        """The new global model. From the second round on it is written into the tensors of the previous one.
+        """The new global model, written into the tensors of the one it replaces (the initial model in round 0).
 
         Overwriting the previous global model is safe here: every site has downloaded it before sending its result,
         and `QwenPersistor` finishes writing it to disk on `BEFORE_AGGREGATION`. Every result is checked (shapes,
@@ -182,7 +188,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         for name, (shape, parts) in transport.layout({k: tuple(v[0].shape) for k, v in sources.items()}).items():
             dtype = self._dtypes.get(parts[0][0]) or sources[parts[0][0]][0].dtype
             out = self._last_output.get(name)
-            if out is None or (tuple(out.shape), out.dtype, out.device.type) != (shape, dtype, "cpu"):
+            reusable = out is not None and out.is_contiguous() and out.device.type == "cpu"
+            if not reusable or (tuple(out.shape), out.dtype) != (shape, dtype):
                 out = torch.empty(shape, dtype=dtype)
             else:
                 reused += 1

@@ -11,11 +11,14 @@ import pytest
 import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
 from safetensors.torch import save_file
 
 import fl_server
+import transport
 from fl_server import SampleWeightedFedAvg
 
 
@@ -159,3 +162,20 @@ def test_the_persistor_finishes_its_file_before_the_average_overwrites_the_globa
     saving.wait()
     persistor.handle_event(AppEventType.BEFORE_AGGREGATION, FLContext())
     assert persistor._saver is None
+
+
+def test_the_first_average_is_written_into_the_initial_global_model(tmp_path):
+    """FedAvg puts the initial model in the context as GLOBAL_MODEL and fires INITIAL_MODEL_LOADED."""
+    initial = transport.split(random_params(7), 64 * 2)  # "a" (64 x 32 bf16) in row parts, as the persistor sends it
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
+    aggregator = SampleWeightedFedAvg()
+    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
+    sites = [(random_params(i), samples) for i, samples in enumerate((2.0, 1.0))]
+    for i, (params, samples) in enumerate(sites):
+        sent = transport.split(params, 64 * 2)
+        aggregator.accept_model(site_result(offloaded(sent, tmp_path / f"site-{i}"), samples, f"site-{i}"))
+    result = transport.join(aggregator.aggregate_model().params)
+    assert result["a"].data_ptr() == initial["a#rows=0:2"].data_ptr() and result["b"] is initial["b"]
+    for key, value in expected_average(sites).items():
+        torch.testing.assert_close(result[key].float(), value.float(), rtol=2**-8, atol=1e-6)
