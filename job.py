@@ -198,6 +198,8 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit("error: --env prod needs --startup_kit (the admin's startup kit folder)")
     if args.nproc_per_client < 1 or args.n_clients < 1 or args.num_rounds < 1:
         raise SystemExit("error: --n_clients, --num_rounds and --nproc_per_client must be at least 1")
+    if args.part_mb < 0:
+        raise SystemExit(f"error: --part_mb {args.part_mb:g} is negative (0 sends every tensor whole)")
     return sites
 
 

@@ -270,6 +270,8 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
     assert "site-4" in proc.stderr and "prepare_data.py" in proc.stderr and "site-1" not in proc.stderr
     proc = run_job("--n_clients", "3", "--gpu", "[0],[1]", "--data_dir", str(site_data))
     assert proc.returncode != 0 and "--gpu" in proc.stderr
+    proc = run_job("--n_clients", "2", "--part_mb", "-1", "--data_dir", str(site_data))
+    assert proc.returncode != 0 and "--part_mb -1 is negative" in proc.stderr
 
 
 @pytest.mark.slow
