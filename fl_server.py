@@ -47,7 +47,6 @@ SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
 NUM_SAMPLES = "NUM_SAMPLES"
 SLICE = 1 << 22  # elements averaged at a time: 16 MiB fp32 buffers
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def _atomic_write_json(path: Path, data) -> None:
@@ -57,27 +56,22 @@ def _atomic_write_json(path: Path, data) -> None:
 
 
 class OffloadedTensor:
-    """NVFlare's lazy reference to a tensor offloaded to a safetensors file, its shape and dtype checked up front.
+    """NVFlare's lazy reference to a tensor offloaded to a safetensors file, checked and with its shape and dtype.
 
-    `tensor()` maps the file (safetensors reads nothing until the data is touched), so averaging from it costs no
-    copy; checking every file first means a truncated or mismatched result is refused before anything is overwritten.
+    NVFlare's `materialize()` maps the file without reading it (safetensors validates the header and the file's size
+    first), so checking every result up front costs no copy, and a truncated or mismatched one is refused before any
+    tensor of the global model is overwritten.
     """
 
     def __init__(self, ref):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         self.ref, self.path = ref, ref.file_path
         try:
-            with safe_open(self.path, framework="pt") as f:
-                part = f.get_slice(ref.key)
-                self.shape, dtype = tuple(part.get_shape()), part.get_dtype()
+            mapped = ref.materialize()
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{self.path}: offloaded tensor {ref.key!r} is unreadable: {e}") from e
-        self.dtype = SAFETENSORS_DTYPES.get(dtype)
-        if self.dtype is None:
-            raise ValueError(
-                f"{self.path}: tensor {ref.key!r} has dtype {dtype}, not one of {list(SAFETENSORS_DTYPES)}"
-            )
+        self.shape, self.dtype = tuple(mapped.shape), mapped.dtype
 
     @staticmethod
     def of(value) -> OffloadedTensor | None:
@@ -86,6 +80,7 @@ class OffloadedTensor:
         return OffloadedTensor(value) if is_ref else None
 
     def tensor(self) -> torch.Tensor:
+        """The tensor on the mapped file: its pages are read as they are used."""
         return self.ref.materialize()
 
 
@@ -217,7 +212,7 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     @staticmethod
     def _source(value):
-        """NVFlare's offloaded tensor as a file location to read slices from; any other lazy value read now."""
+        """NVFlare's offloaded tensor, checked (`OffloadedTensor`); any other lazy value read now."""
         return OffloadedTensor.of(value) or materialize(value)
 
     @staticmethod
