@@ -30,7 +30,11 @@ import nvflare.client as flare
 import torch
 import torch.distributed as dist
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.client.tracking import SummaryWriter
+from nvflare.fuel.utils import fobs
+from nvflare.fuel.utils.fobs import FOBSContextKey, dots
 
 import host_memory
 import transport
@@ -113,23 +117,31 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, 
         (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
 
 
-def receive_to_disk(context, folder: Path) -> bool:
-    """Have NVFlare write the global weights it receives into `folder` instead of host memory (tensor disk offload).
+class DiskTensorDecomposer(TensorDecomposer):
+    """NVFlare's tensor decomposer, downloading every received tensor into `folder` (NVFlare's tensor disk offload)."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def download(self, *args, fobs_ctx: dict | None = None, **kwargs):
+        offload = {FOBSContextKey.TENSOR_DISK_OFFLOAD: True, _TENSOR_DISK_OFFLOAD_ROOT_DIR: self.folder}
+        return super().download(*args, fobs_ctx={**(fobs_ctx or {}), **offload}, **kwargs)
+
+
+def receive_to_disk(folder: Path) -> bool:
+    """Have NVFlare write the global weights it receives into `folder` instead of host memory, from the first task on.
 
     The trainer then reads them back one tensor at a time as it copies them into its model, so the site never holds
     the whole received state (4.26 GB for the 2B model) in host memory; NVFlare deletes the files once the trainer
-    lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Returns False where the
-    Client API has no cell of its own to set this on (then the weights arrive in memory as before).
+    lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Call it before
+    `flare.init`: the Client API starts receiving inside `init` (setting the offload on its cell afterwards let the
+    first round arrive in memory now and then), and FOBS keeps the first decomposer registered for a type. False
+    where another one was registered first (then the weights arrive in memory).
     """
-    from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
-    from nvflare.fuel.utils.fobs import FOBSContextKey
-
-    cell = getattr(getattr(context, "api", None), "_cell", None)  # the external-process Client API's cell
-    if cell is None:
-        return False
     folder.mkdir(parents=True, exist_ok=True)
-    cell.update_fobs_context({FOBSContextKey.TENSOR_DISK_OFFLOAD: True, _TENSOR_DISK_OFFLOAD_ROOT_DIR: str(folder)})
-    return True
+    fobs.register(DiskTensorDecomposer(str(folder)))
+    return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
 
 
 def _exit_on_sigterm(*_) -> None:
@@ -149,11 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         train_argv += ["--output_dir", str(work_dir / "trainer_output")]
     site, writer = None, None
     if RANK == 0:
-        context = flare.init(rank="0")
+        on_disk = receive_to_disk(work_dir / "received")
+        flare.init(rank="0")
         site = flare.get_site_name()
         writer = SummaryWriter()
-        work_dir.mkdir(parents=True, exist_ok=True)
-        on_disk = receive_to_disk(context, work_dir / "received")
         print(f"site={site}: global weights are received {'to disk' if on_disk else 'in memory'}", flush=True)
     site = broadcast(site)
     # If NVFlare has to SIGTERM us (no orderly SHUTDOWN in time), leave at once: NVFlare's messaging threads
