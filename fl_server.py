@@ -80,7 +80,11 @@ class OffloadedTensor:
         return OffloadedTensor(value) if is_ref else None
 
     def tensor(self) -> torch.Tensor:
-        """The tensor on the mapped file: its pages are read as they are used."""
+        """The tensor on the mapped file: its pages are read as they are used.
+
+        Mapped again here rather than kept from the check: a mapping's touched pages count as this process's memory
+        while it lives, so each one lives only while its tensor is averaged.
+        """
         return self.ref.materialize()
 
 

@@ -70,13 +70,9 @@ def materialize(value) -> torch.Tensor:
 
 
 def tensor_shape(value) -> tuple[int, ...]:
-    """The shape of a tensor, or of an offloaded one without reading its data (from the safetensors header)."""
-    if is_lazy(value) and hasattr(value, "file_path"):
-        from safetensors import safe_open
-
-        with safe_open(value.file_path, framework="pt") as f:
-            return tuple(f.get_slice(value.key).get_shape())
-    return tuple(value.shape)
+    """The shape of a tensor, or of an offloaded one without reading its data (NVFlare maps the file, reading none)."""
+    shape = getattr(value, "shape", None)
+    return tuple(materialize(value).shape if shape is None else shape)
 
 
 def untied_state_dict(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:

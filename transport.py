@@ -19,7 +19,7 @@ import torch
 
 from model import materialize, tensor_shape
 
-PART_BYTES = 24 * 2**20
+PART_BYTES = 24 * 2**20  # job.py's --part_mb default (a test keeps them equal)
 _ROWS = "#rows="
 
 
@@ -82,10 +82,6 @@ class Parts:
     def materialize(self) -> torch.Tensor:
         return torch.cat([materialize(value) for _, value in self.pieces])
 
-    def copy_to(self, tensor: torch.Tensor) -> None:
-        for rows, value in self.pieces:
-            tensor[rows].copy_(materialize(value).to(tensor.device))
-
 
 def join(params: dict[str, Any]) -> dict[str, Any]:
     """`params` under the tensors' own names: parts become the tensor they are views of, or a `Parts`."""
@@ -115,6 +111,7 @@ def copy_into(tensor: torch.Tensor, value: Any) -> None:
     (8.5 GB of fresh pages a round for 2B in fp32); moving first, the cast happens on the GPU.
     """
     if isinstance(value, Parts):
-        value.copy_to(tensor)
+        for rows, piece in value.pieces:
+            copy_into(tensor[rows], piece)
     else:
         tensor.copy_(materialize(value).to(tensor.device))

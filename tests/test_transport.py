@@ -69,3 +69,9 @@ def test_results_split_differently_are_refused(tmp_path):
     aggregator.accept_model(site_result(transport.split(state(1), PART * 2), 1.0, "site-2"))
     with pytest.raises(ValueError, match="do not tile"):
         aggregator.aggregate_model()
+
+
+def test_job_py_sends_in_parts_of_the_documented_size_by_default():
+    from job import define_parser
+
+    assert define_parser().get_default("part_mb") * 2**20 == transport.PART_BYTES
