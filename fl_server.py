@@ -7,7 +7,7 @@ With NVFlare's tensor disk offload (job.py turns it on) the sites' results arriv
 average is then taken a slice at a time when the last result is in, from the mapped files, so the server never holds
 a whole result or an fp32 copy of the model in memory. The average is written into the tensors of the global model it
 replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
-(transport.py) are averaged into their tensor's rows.
+(transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a background thread.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start
@@ -120,6 +120,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._loss_sum = 0.0
         self._round_records: list[dict] = []
         self._history: list[dict] = []
+        self._discarder: threading.Thread | None = None  # deletes the averaged results' files (_discard)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
@@ -129,6 +130,8 @@ class SampleWeightedFedAvg(ModelAggregator):
             learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
             weights = transport.join(learnable.get(ModelLearnableKey.WEIGHTS) or {})
             self._last_output = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        elif event_type == EventType.END_RUN:
+            self.wait_for_discard()
 
     def reset_stats(self) -> None:
         self._sum, self._dtypes, self._on_disk = {}, {}, []
@@ -200,7 +203,9 @@ class SampleWeightedFedAvg(ModelAggregator):
             for key in keys
             for name, rows in [transport.parse(key)]
         }
-        from_disk, self._on_disk = len(self._on_disk), []  # drops the last references: NVFlare deletes the files
+        from_disk = len(self._on_disk)
+        self._discard(on_disk)
+        self._on_disk = []
         self._last_output = tensors
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
@@ -213,6 +218,42 @@ class SampleWeightedFedAvg(ModelAggregator):
         )
         self.reset_stats()
         return result
+
+    def _discard(self, on_disk: list[tuple[dict, float]]) -> None:
+        """Delete the averaged results' files in a background thread, not in the controller's.
+
+        NVFlare deletes an offloaded result's folder when the last reference to it goes, in whichever thread drops it:
+        the controller's as the average returns (before the next round can start), or a stream callback's while it
+        receives the next round's results. Deleting gigabytes of files written seconds ago can wait on the disk,
+        which is still writing them back. Each folder is renamed instead (instant, and mapped files stay valid), so
+        NVFlare's own deletion finds nothing, and a thread removes the renamed folders.
+        """
+        folders = {
+            os.path.dirname(v.path) for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)
+        }
+        renamed = []
+        for folder in sorted(folders):
+            try:
+                os.rename(folder, folder + ".averaged")
+                renamed.append(folder + ".averaged")
+            except OSError as e:
+                self.warning(f"{folder}: left for NVFlare to delete ({e})")
+        self.wait_for_discard()
+        self._discarder = threading.Thread(target=self._remove, args=(renamed,), name="averaged-results-cleanup")
+        self._discarder.start()
+
+    def _remove(self, folders: list[str]) -> None:
+        for folder in folders:
+            try:
+                shutil.rmtree(folder)
+            except OSError as e:
+                self.warning(f"could not delete the averaged result {folder}: {e}")
+
+    def wait_for_discard(self) -> None:
+        """Wait until the last round's averaged results are deleted."""
+        if self._discarder is not None:
+            self._discarder.join()
+            self._discarder = None
 
     @staticmethod
     def _source(value):

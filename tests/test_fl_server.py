@@ -71,6 +71,28 @@ def test_sample_weighted_fp32_average(where, slice_elements, tmp_path, monkeypat
     assert result.meta["nr_contributing_sites"] == 3
 
 
+def test_averaged_results_are_deleted_off_the_controller_thread(tmp_path, monkeypatch):
+    deleted_in = []
+    rmtree = fl_server.shutil.rmtree
+    monkeypatch.setattr(
+        fl_server.shutil, "rmtree", lambda path: deleted_in.append(threading.current_thread()) or rmtree(path)
+    )
+    aggregator = SampleWeightedFedAvg()
+    results = [offloaded(random_params(i), tmp_path / f"site-{i}") for i in range(2)]
+    for i, params in enumerate(results):
+        aggregator.accept_model(site_result(params, 1.0, f"site-{i}"))
+    average = aggregator.aggregate_model().params
+    # Gone from where NVFlare put them as soon as the average returns, although references to them are still alive
+    # (NVFlare's own deletion, when they go, finds nothing).
+    assert not (tmp_path / "site-0").exists() and not (tmp_path / "site-1").exists()
+    aggregator.wait_for_discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert len(deleted_in) == 2 and threading.current_thread() not in deleted_in
+    expected = expected_average([(random_params(i), 1.0) for i in range(2)])
+    for key, value in average.items():
+        torch.testing.assert_close(value.float(), expected[key].float(), rtol=2**-8, atol=1e-6)
+
+
 def test_failed_and_weightless_sites_are_left_out(tmp_path):
     good = random_params(0)
     aggregator = SampleWeightedFedAvg()
