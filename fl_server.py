@@ -246,6 +246,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         for folder in folders:
             try:
                 shutil.rmtree(folder)
+            except FileNotFoundError:  # NVFlare removes the whole offload folder when the run ends
+                pass
             except OSError as e:
                 self.warning(f"could not delete the averaged result {folder}: {e}")
 
