@@ -239,8 +239,9 @@ class SampleWeightedFedAvg(ModelAggregator):
             except OSError as e:
                 self.warning(f"{folder}: left for NVFlare to delete ({e})")
         self.wait_for_discard()
-        self._discarder = threading.Thread(target=self._remove, args=(renamed,), name="averaged-results-cleanup")
-        self._discarder.start()
+        if renamed:
+            self._discarder = threading.Thread(target=self._remove, args=(renamed,), name="averaged-results-cleanup")
+            self._discarder.start()
 
     def _remove(self, folders: list[str]) -> None:
         for folder in folders:
