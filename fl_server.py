@@ -205,7 +205,6 @@ class SampleWeightedFedAvg(ModelAggregator):
         }
         from_disk = len(self._on_disk)
         self._discard(on_disk)
-        self._on_disk = []
         self._last_output = tensors
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
