@@ -28,6 +28,8 @@ CLIENT_FILES = (
     "local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "transport.py", "qwen_official.py"
 )  # fmt: skip
 SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py", "transport.py")
+# NVFlare's comm setting `allow_adhoc_conns` as its processes read it from the environment (see --adhoc_connections).
+ADHOC_ENV = "NVFLARE_ALLOW_ADHOC_CONNS"
 # Small batches and images, and fp32 without gradient checkpointing: bf16 autocast is ~3x slower on CPU.
 DEMO_TRAIN_ARGS = (
     "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_pixels 4096 --min_pixels 1024 "
@@ -66,6 +68,11 @@ def define_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", dest="export_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume_from", default=None, help="FL_global_model.pt of an earlier run as initial weights")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without WANDB_API_KEY)")
+    p.add_argument(
+        "--adhoc_connections", action=argparse.BooleanOptionalAction, default=True,
+        help="sim and POC: the weights travel straight between each site's trainer and the server job, over NVFlare's "
+        "ad-hoc connections (NVFLARE_ALLOW_ADHOC_CONNS), not relayed by the site's client job process",
+    )  # fmt: skip
     p.add_argument(
         "--part_mb", type=float, default=24,
         help="tensors larger than this many MiB travel as row parts of at most this size (0: whole tensors)",
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     # The simulator's or POC's processes started from here (NVFlare's relays among them) inherit these.
     for name, value in host_memory.ENV.items():
         os.environ.setdefault(name, value)
+    os.environ[ADHOC_ENV] = "true" if args.adhoc_connections else "false"
     start = time.time()
     run = recipe.execute(make_env(args, list(sites)))
     result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()

@@ -5,13 +5,14 @@ the wall time between the server's "Aggregated N/N" lines minus the slowest site
 overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree, also
 net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
 exchange), measured first. Once a second the RSS of every process over 1 GiB goes to WORKDIR/rss_timeline.json.
-Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR]
+Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--max_steps", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
     ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --tensor_download_chunk_mb 64")
     args = ap.parse_args()
 
@@ -132,7 +134,7 @@ def main() -> None:
     ]  # fmt: skip
     peak = {"rss": 0, "by_process": {}, "timeline": []}
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | dict(kv.split("=", 1) for kv in args.env))
     watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
     watcher.start()
     rc = proc.wait()
@@ -140,7 +142,8 @@ def main() -> None:
     watcher.join(timeout=1)
     app = work / "ws" / "qwen3-vl" / "server" / "simulate_job" / "app_server"
     rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
-    summary = dict(rc=rc, job_args=args.job_args, rounds=args.rounds, clients=args.clients, wall_s=round(wall, 1),
+    summary = dict(rc=rc, job_args=args.job_args, env=args.env, rounds=args.rounds, clients=args.clients,
+                   wall_s=round(wall, 1),
                    peak_tree_rss_gib=round(peak["rss"] / 2**30, 1),
                    training_only_peak_rss_gib_per_site=round(training_only, 1),
                    peak_beyond_training_gib=round(peak["rss"] / 2**30 - args.clients * training_only, 1),

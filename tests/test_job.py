@@ -134,6 +134,10 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     assert weights_by_round == {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
     server_log = (ws / "server" / "log.txt").read_text()
     assert server_log.count("Empty result from client site-3, skipping") == 2
+    # The weights went straight between each trainer and the server job (--adhoc_connections, the default).
+    for site in SITE_SIZES:
+        site_log = (ws / site / "log.txt").read_text()
+        assert f"{site}.simulate_job.client_api_trainer_1: created adhoc connector" in site_log, site
     # The results were offloaded to the server's disk and averaged from there, not held in its memory, into the
     # tensors of the global model they replace (the initial one in round 0).
     n_tensors = len(final)
@@ -209,9 +213,10 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
         "--model_name_or_path", str(tiny_model_dir), "--resume_from", str(resume_from),
         "--learning_rate", "0",  # sites send back what they got: the new global must be the resumed one
         "--workspace", str(tmp_path), "--master_port", str(free_port_base(2)),
-        f"--train_args={demo_train_args()}",
+        f"--train_args={demo_train_args()}", "--no-adhoc_connections",  # relayed by each site's client job
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "adhoc" not in (tmp_path / JOB_NAME / "server" / "log.txt").read_text()
     resumed, before = global_weights(tmp_path / JOB_NAME), global_weights(first)
     assert resumed.keys() == before.keys()
     assert all(torch.equal(resumed[k], before[k]) for k in before)
