@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_trainer import build_dataset, build_model_dir  # noqa: E402
 
+import host_memory  # noqa: E402
+
 TRAIN_ARGS = (
     "--tune_mm_llm False --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_pixels 200704 "
     "--warmup_ratio 0 --gradient_checkpointing False --logging_steps 1 --torch_compile False"
@@ -92,10 +94,13 @@ def extra_args(args: argparse.Namespace) -> list[str]:
     return (TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")).split()
 
 
-def training_only_rss_gib(train_args: list[str]) -> float:
+def training_only_rss_gib(train_args: list[str], env: dict[str, str]) -> float:
     """Peak RSS of one site's trainer training a round on its own, with no NVFlare and no exchange: what training
-    itself needs in host memory (libraries, CUDA context, data), to subtract from the job's peak."""
-    out = subprocess.run([sys.executable, "-c", TRAINING_ONLY, *train_args], cwd=ROOT, capture_output=True, text=True)
+    itself needs in host memory (libraries, CUDA context, data), to subtract from the job's peak. `env`: the
+    environment the job's processes get (its malloc settings change the RSS)."""
+    out = subprocess.run(
+        [sys.executable, "-c", TRAINING_ONLY, *train_args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     line = next((x for x in out.stdout.splitlines() if x.startswith("TRAINING_ONLY_PEAK_RSS_KIB")), None)
     if line is None:
         raise RuntimeError(f"training-only run failed: {out.stderr[-2000:]}")
@@ -110,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
+    ap.add_argument("--solo_only", action="store_true", help="only measure one trainer training alone")
     ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --tensor_download_chunk_mb 64")
     args = ap.parse_args()
 
@@ -120,10 +126,16 @@ def main() -> None:
     for i in range(1, args.clients + 1):
         (work / "data" / f"site-{i}").mkdir(parents=True, exist_ok=True)
         (work / "data" / f"site-{i}" / "train.json").write_text(train)
+    # What job.py gives the simulator's processes (host_memory.ENV where unset), and --env.
+    job_env = host_memory.ENV | os.environ | dict(kv.split("=", 1) for kv in args.env)
     training_only = training_only_rss_gib(
         [*extra_args(args), "--model_name_or_path", str(model_dir), "--dataset_use", str(work / "data" / "site-1"),
-         "--image_root", str(work / "images"), "--max_steps", str(args.max_steps), "--output_dir", str(work / "solo")]
+         "--image_root", str(work / "images"), "--max_steps", str(args.max_steps), "--output_dir", str(work / "solo")],
+        job_env,
     )  # fmt: skip
+    if args.solo_only:
+        print(json.dumps(dict(env=args.env, training_only_peak_rss_gib_per_site=round(training_only, 2))), flush=True)
+        return
     gpu = [] if args.tiny else ["--gpu", ",".join("[0]" for _ in range(args.clients))]
     extra = " ".join(extra_args(args))
     cmd = [
@@ -134,7 +146,7 @@ def main() -> None:
     ]  # fmt: skip
     peak = {"rss": 0, "by_process": {}, "timeline": []}
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | dict(kv.split("=", 1) for kv in args.env))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env)
     watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
     watcher.start()
     rc = proc.wait()
