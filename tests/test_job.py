@@ -294,6 +294,11 @@ def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
     assert "(none found)" not in results
     for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png", "site-1/", "site-2/"):
         assert what in results, what
+    # The POC services started by job.py got --adhoc_connections too: each trainer connected to the server job.
+    site_logs = [Path(w) for w in results.split() if w.endswith("log.txt") and "/site-" in w]
+    assert len(site_logs) == 2, results
+    for log in site_logs:
+        assert "client_api_trainer_1: created adhoc connector" in log.read_text(), log
 
 
 @pytest.mark.slow
