@@ -11,8 +11,9 @@ returns the freed memory to the OS.
 
 Reuse needs few arenas. glibc gives threads up to 8 arenas per core (128 on a 16-core machine) and NVFlare moves the
 weights in hundreds of threads, so by default each arena kept its own freed buffers until that trim: on the H200
-machine each site's trainer grew by about 4 GiB during every upload and the server by about 8 GiB. Two arenas shared
-by all threads reuse the same buffers (BENCHMARKS.md: 25.8 GiB instead of 47.5 GiB for the whole run, same speed).
+machine each site's trainer grew by about 4 GiB during every upload, and the server peaked at 17.2 GiB. Two arenas
+shared by all threads reuse the same buffers (BENCHMARKS.md: trainers under 5 GiB, the server at 10.4 GiB, 25.8 GiB
+instead of 47.5 GiB for the whole run, at the same speed).
 
 `ENV` is for processes started from here (glibc reads it at start-up); `apply()` sets the same in this process.
 """

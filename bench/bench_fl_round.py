@@ -5,7 +5,7 @@ the wall time between the server's "Aggregated N/N" lines minus the slowest site
 overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree, also
 net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
 exchange), measured first. Once a second the RSS of every process over 1 GiB goes to WORKDIR/rss_timeline.json.
-Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...]
+Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...] [--solo_only]
 """
 
 from __future__ import annotations
