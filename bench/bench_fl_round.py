@@ -40,7 +40,8 @@ TRAIN_ARGS = (
 def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
     """Poll the RSS of `proc` and its descendants every 0.2 s: the tree's maximum in peak['rss'], and each
     process's own maximum in peak['by_process'] (keyed by pid and a short command line), to see who holds what;
-    once a second, the time and every process over 1 GiB in peak['timeline'] (if present), to see when."""
+    once a second, the time and every process over 1 GiB in peak['timeline'] (if present), to see when; every poll,
+    (time, user, system) CPU seconds per process in peak['cpu'] (if present), to see who works when."""
     root, last_row = psutil.Process(proc.pid), 0.0
     while proc.poll() is None:
         total, row = 0, {}
@@ -48,6 +49,9 @@ def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
             try:
                 rss = p.memory_info().rss
                 key = f"{p.pid} {' '.join(p.cmdline()[1:4])[:90]}"
+                if "cpu" in peak:
+                    cpu = p.cpu_times()
+                    peak["cpu"].setdefault(key, []).append((time.time(), cpu.user, cpu.system))
             except psutil.Error:
                 continue
             total += rss

@@ -2,9 +2,10 @@
 
 Runs a FedAvgRecipe in the simulator (external client processes, PyTorch exchange, our aggregator with disk offload)
 whose clients receive the global state dict and send back a changed copy, and prints per round and client the
-seconds to receive and to send and the MB/s. `--env NAME=VALUE` passes NVFlare settings to every process of the run
-(e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side; `--part_mb 24` sends tensors over
-24 MiB as row parts both ways (transport.py, as job.py does), 0 (the default) whole.
+seconds to receive and to send and the MB/s, and per transfer phase (all clients receiving, all sending) the CPU
+seconds per GB moved of the server process and of the clients together. `--env NAME=VALUE` passes NVFlare settings
+to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side;
+`--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the default) whole.
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--env NVFLARE_X=1 ...]
 """
 
@@ -101,6 +102,62 @@ def download_seconds(server_log: Path) -> list[float]:
     return seconds
 
 
+TRANSFER_DONE = re.compile(
+    r"\[(server|client)\] download (?:tx \S+|ref=\S+) done: (?:status=finished )?elapsed=([\d.]+)s .*\(([\d,]+) bytes"
+)
+
+
+def transfer_phases(server_log: Path) -> list[dict]:
+    """The server log's transfers merged into phases: three clients receiving at once are one `receive` phase.
+
+    NVFlare logs `[server] download tx ... done` when a client has downloaded the global model from the server and
+    `[client] download ref ... done` when the server has downloaded a client's result, each with its seconds.
+    """
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)")
+    spans = []
+    for line in server_log.read_text().splitlines() if server_log.exists() else []:
+        if (m := stamp.match(line)) and (done := TRANSFER_DONE.search(line)):
+            end = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            kind = "receive" if done.group(1) == "server" else "send"  # as the clients see it
+            spans.append((kind, end - float(done.group(2)), end, int(done.group(3).replace(",", ""))))
+    phases: list[dict] = []
+    for kind, start, end, nbytes in sorted(spans, key=lambda s: s[1]):
+        last = phases[-1] if phases else None
+        if last and last["kind"] == kind and start <= last["end"]:
+            last["end"], last["bytes"] = max(last["end"], end), last["bytes"] + nbytes
+        else:
+            phases.append(dict(kind=kind, start=start, end=end, bytes=nbytes))
+    return phases
+
+
+def cpu_seconds(samples: list[tuple[float, float, float]], start: float, end: float) -> tuple[float, float]:
+    """User and system CPU seconds a process spent between two times, from its (time, user, system) samples."""
+
+    def at(t):
+        return min(samples, key=lambda s: abs(s[0] - t))
+
+    (_, u0, s0), (_, u1, s1) = at(start), at(end)
+    return u1 - u0, s1 - s0
+
+
+def cpu_per_gb(phases: list[dict], cpu: dict, by_process: dict) -> list[dict]:
+    """Per phase: CPU seconds per GB moved (user + system) of the server process and of all clients together."""
+    servers = [k for k in by_process if "simulator.simulator " in k]
+    server = max(servers, key=by_process.get) if servers else None
+    clients = [k for k in cpu if "client.py" in k]
+    rows = []
+    for ph in phases:
+        gb, row = ph["bytes"] / 1e9, dict(phase=ph["kind"], seconds=round(ph["end"] - ph["start"], 1))
+        row["gb"] = round(gb, 2)
+        for name, keys in (("server", [server] if server in cpu else []), ("clients", clients)):
+            spent = [cpu_seconds(cpu[k], ph["start"], ph["end"]) for k in keys]
+            user, system = sum(u for u, _ in spent), sum(s for _, s in spent)
+            row[f"{name}_cpu_s_per_gb"] = round((user + system) / gb, 2)
+            row[f"{name}_user_sys"] = [round(user / gb, 2), round(system / gb, 2)]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=4.26, help="state dict size in GB (4.26: the 2B model)")
@@ -146,13 +203,14 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     start = time.time()
     proc = subprocess.Popen([sys.executable, "job.py"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    peak = {"rss": 0, "by_process": {}}
+    peak = {"rss": 0, "by_process": {}, "cpu": {}}
     threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True).start()
     stdout, stderr = proc.communicate()
     wall = time.time() - start
     lines = [line for line in stdout.splitlines() if "[transfer]" in line and "ExternalProcess" not in line]
     sends = [float(m.group(1)) for line in lines if (m := re.search(r"send ([\d.]+) s", line))]
-    receives = download_seconds(work / "ws" / "transfer" / "server" / "log.txt")
+    server_log = work / "ws" / "transfer" / "server" / "log.txt"
+    receives = download_seconds(server_log)
     for line in lines:
         print(line[line.index("[transfer]") :])
     print(json.dumps({"env": args.env, "part_mb": args.part_mb, "gb": args.gb, "clients": args.clients,
@@ -163,7 +221,9 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
                                                   sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:6]},
                       "receive_s": receives, "send_s": sends,
                       "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
-                      "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0]}), flush=True)  # fmt: skip
+                      "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0],
+                      "cpu_s_per_gb": cpu_per_gb(transfer_phases(server_log), peak["cpu"], peak["by_process"])}),
+          flush=True)  # fmt: skip
     if proc.returncode:
         print(stdout[-3000:], stderr[-3000:])
 

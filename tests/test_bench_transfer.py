@@ -1,0 +1,55 @@
+"""bench/bench_transfer.py's reading of NVFlare's server log: transfer phases and the CPU each took per GB."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from bench_transfer import cpu_per_gb, transfer_phases  # noqa: E402
+
+SIZE = "size=4058.0MB (4,255,114,672 bytes)"
+LOG = [  # (second of the minute, message) as NVFlare writes them
+    ("10.000", "FedAvg - INFO - Sending task train to ['site-1', 'site-2']"),
+    ("30.000", f"_Transaction - INFO - [server] download tx T1 done: status=finished elapsed=19.00s {SIZE}"),
+    ("31.000", f"_Transaction - INFO - [server] download tx T2 done: status=finished elapsed=19.50s {SIZE}"),
+    ("50.000", f"function - INFO - [client] download ref=a done: elapsed=15.00s {SIZE}"),
+    ("52.000", f"function - INFO - [client] download ref=b done: elapsed=16.00s {SIZE}"),
+]
+
+
+@pytest.fixture
+def server_log(tmp_path: Path) -> Path:
+    path = tmp_path / "log.txt"
+    path.write_text("".join(f"2026-12-02 03:05:{s.replace('.', ',')} - {msg}\n" for s, msg in LOG))
+    return path
+
+
+def test_overlapping_transfers_of_one_direction_make_one_phase(server_log):
+    phases = transfer_phases(server_log)
+    assert [p["kind"] for p in phases] == ["receive", "send"]
+    receive, send = phases
+    assert receive["end"] - receive["start"] == pytest.approx(20.0)  # 11.0 (31 - 19.5) to 31.0
+    assert send["end"] - send["start"] == pytest.approx(17.0)  # 35.0 to 52.0
+    assert receive["bytes"] == send["bytes"] == 2 * 4_255_114_672
+
+
+def test_cpu_per_gb_counts_the_server_alone_and_the_clients_together(server_log):
+    phases = transfer_phases(server_log)
+    t0 = phases[0]["start"]
+    server = "12 -m nvflare.private.fed.app.simulator.simulator /tmp/job"
+    relay = "13 -m nvflare.private.fed.app.simulator.simulator /tmp/job"
+    clients = ["21 -u custom/client.py 25165824", "22 -u custom/client.py 25165824"]
+
+    def samples(user_per_s: float, system_per_s: float) -> list[tuple[float, float, float]]:
+        return [(t0 + t, user_per_s * t, system_per_s * t) for t in range(0, 60)]
+
+    cpu = {server: samples(1.0, 0.5), relay: samples(0.1, 0.0)} | {c: samples(0.5, 0.25) for c in clients}
+    by_process = {server: 10 * 2**30, relay: 2**30} | {c: 5 * 2**30 for c in clients}
+    receive, send = cpu_per_gb(phases, cpu, by_process)
+    gb = 2 * 4.255114672
+    assert receive["phase"] == "receive" and receive["seconds"] == 20.0
+    assert receive["server_cpu_s_per_gb"] == pytest.approx(20 * 1.5 / gb, abs=0.01)  # the largest, not the relay
+    assert receive["clients_cpu_s_per_gb"] == pytest.approx(2 * 20 * 0.75 / gb, abs=0.01)
+    assert send["server_user_sys"] == pytest.approx([17 * 1.0 / gb, 17 * 0.5 / gb], abs=0.01)
