@@ -86,14 +86,18 @@ while flare.is_running():
 """
 
 
+def stamped_lines(server_log: Path):
+    """(seconds since the epoch, line) for each timestamped line of an NVFlare log; nothing if it does not exist."""
+    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)")
+    for line in server_log.read_text().splitlines() if server_log.exists() else []:
+        if m := stamp.match(line):
+            yield datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), line
+
+
 def download_seconds(server_log: Path) -> list[float]:
     """Per round, from the server's log: task sent to the clients until the global model was downloaded by all."""
-    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)")
     seconds, sent = [], None
-    for line in server_log.read_text().splitlines() if server_log.exists() else []:
-        if not (m := stamp.match(line)):
-            continue
-        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    for t, line in stamped_lines(server_log):
         if "Sending task train" in line:
             sent = t
         elif "has been downloaded to all" in line and sent is not None:
@@ -113,11 +117,9 @@ def transfer_phases(server_log: Path) -> list[dict]:
     NVFlare logs `[server] download tx ... done` when a client has downloaded the global model from the server and
     `[client] download ref ... done` when the server has downloaded a client's result, each with its seconds.
     """
-    stamp = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)")
     spans = []
-    for line in server_log.read_text().splitlines() if server_log.exists() else []:
-        if (m := stamp.match(line)) and (done := TRANSFER_DONE.search(line)):
-            end = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    for end, line in stamped_lines(server_log):
+        if done := TRANSFER_DONE.search(line):
             kind = "receive" if done.group(1) == "server" else "send"  # as the clients see it
             spans.append((kind, end - float(done.group(2)), end, int(done.group(3).replace(",", ""))))
     phases: list[dict] = []
@@ -147,8 +149,8 @@ def cpu_per_gb(phases: list[dict], cpu: dict, by_process: dict) -> list[dict]:
     clients = [k for k in cpu if "client.py" in k]
     rows = []
     for ph in phases:
-        gb, row = ph["bytes"] / 1e9, dict(phase=ph["kind"], seconds=round(ph["end"] - ph["start"], 1))
-        row["gb"] = round(gb, 2)
+        gb = ph["bytes"] / 1e9
+        row = dict(phase=ph["kind"], seconds=round(ph["end"] - ph["start"], 1), gb=round(gb, 2))
         for name, keys in (("server", [server] if server in cpu else []), ("clients", clients)):
             spent = [cpu_seconds(cpu[k], ph["start"], ph["end"]) for k in keys]
             user, system = sum(u for u, _ in spent), sum(s for _, s in spent)
