@@ -67,6 +67,15 @@ def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
         time.sleep(0.2)
 
 
+def env_overrides(assignments: list[str]) -> dict[str, str]:
+    """`--env NAME=VALUE` flags as a dict; a flag without `=` or a name is an error that names it."""
+    pairs = [a.partition("=") for a in assignments]
+    bad = [a for a, (name, sep, _) in zip(assignments, pairs, strict=True) if not (name and sep)]
+    if bad:
+        raise SystemExit(f"error: --env {bad[0]!r} must read NAME=VALUE")
+    return {name: value for name, _, value in pairs}
+
+
 def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[dict]:
     """Per round after the first: wall between the last aggregations, slowest site's training, and the difference."""
     pattern = re.compile(rf"^(\S+ \S+) - FedAvg .* Aggregated {clients}/{clients} results")
@@ -120,8 +129,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
     ap.add_argument("--solo_only", action="store_true", help="only measure one trainer training alone")
-    ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --tensor_download_chunk_mb 64")
+    ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --part_mb 64")
     args = ap.parse_args()
+    # What job.py gives the simulator's processes (host_memory.ENV where unset), and --env.
+    job_env = host_memory.ENV | os.environ | env_overrides(args.env)
 
     work = Path(args.workdir)
     model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, 448 * 448)
@@ -130,8 +141,6 @@ def main() -> None:
     for i in range(1, args.clients + 1):
         (work / "data" / f"site-{i}").mkdir(parents=True, exist_ok=True)
         (work / "data" / f"site-{i}" / "train.json").write_text(train)
-    # What job.py gives the simulator's processes (host_memory.ENV where unset), and --env.
-    job_env = host_memory.ENV | os.environ | dict(kv.split("=", 1) for kv in args.env)
     training_only = training_only_rss_gib(
         [*extra_args(args), "--model_name_or_path", str(model_dir), "--dataset_use", str(work / "data" / "site-1"),
          "--image_root", str(work / "images"), "--max_steps", str(args.max_steps), "--output_dir", str(work / "solo")],

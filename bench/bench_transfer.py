@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fl_round import peak_tree_rss  # noqa: E402
+from bench_fl_round import env_overrides, peak_tree_rss  # noqa: E402
 
 SERVER_MODEL = '''
 import torch
@@ -201,7 +201,7 @@ recipe.add_server_config(timeouts)
 recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws")!r})).get_result()
 """
     (work / "job.py").write_text(job)
-    env = os.environ | dict(kv.split("=", 1) for kv in args.env)
+    env = os.environ | env_overrides(args.env)
     start = time.time()
     proc = subprocess.Popen([sys.executable, "job.py"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

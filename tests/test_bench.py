@@ -1,4 +1,4 @@
-"""bench/bench_transfer.py's reading of NVFlare's server log: transfer phases and the CPU each took per GB."""
+"""The bench scripts' own parts: `--env` flags, and bench_transfer's transfer phases and CPU per GB from the log."""
 
 import sys
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+from bench_fl_round import env_overrides  # noqa: E402
 from bench_transfer import cpu_per_gb, transfer_phases  # noqa: E402
 
 SIZE = "size=4058.0MB (4,255,114,672 bytes)"
@@ -17,6 +18,13 @@ LOG = [  # (second of the minute, message) as NVFlare writes them
     ("50.000", f"function - INFO - [client] download ref=a done: elapsed=15.00s {SIZE}"),
     ("52.000", f"function - INFO - [client] download ref=b done: elapsed=16.00s {SIZE}"),
 ]
+
+
+def test_env_flags_become_a_dict_and_a_flag_without_a_name_or_equals_sign_is_refused():
+    assert env_overrides(["ARENAS=2", "X=a=b", "EMPTY="]) == {"ARENAS": "2", "X": "a=b", "EMPTY": ""}
+    for bad in ("MALLOC_ARENA_MAX", "=2"):
+        with pytest.raises(SystemExit, match=f"--env '{bad}' must read NAME=VALUE"):
+            env_overrides(["OK=1", bad])
 
 
 @pytest.fixture
