@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -228,6 +229,7 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
           flush=True)  # fmt: skip
     if proc.returncode:
         print(stdout[-3000:], stderr[-3000:])
+    shutil.rmtree(work, ignore_errors=True)  # the run's workspace holds the offloaded state dicts (GBs)
 
 
 if __name__ == "__main__":
