@@ -8,6 +8,8 @@ average is then taken a slice at a time when the last result is in, from the map
 a whole result or an fp32 copy of the model in memory. The average is written into the tensors of the global model it
 replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
 (transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a background thread.
+The aggregator also has the sites' downloads share each tensor's serialized bytes (`transport.SerializedOnce`) and
+drops those bytes once the results are in.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start
@@ -109,6 +111,8 @@ class SampleWeightedFedAvg(ModelAggregator):
     def __init__(self, weight_key: str = "samples"):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB results
+        if not transport.serialize_once_for_all_sites():
+            self.logger.warning("another tensor decomposer was registered first: each site's download serializes")
         self.weight_key = weight_key
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
@@ -177,6 +181,9 @@ class SampleWeightedFedAvg(ModelAggregator):
         """
         self._history.extend(self._round_records)
         self._write_history()
+        made, served = transport.SERIALIZED.clear()  # every site has downloaded the global model by now
+        if made:
+            self.info(f"the sites' downloads were served {served} tensor items from {made} serializations")
         if self._total <= 0:
             self.warning("no site contributed this round: the global model stays as it was")
             # An empty DIFF leaves the controller's global model untouched.

@@ -6,6 +6,10 @@ these are 622 MB buffers, fresh memory each time (above glibc's largest mmap thr
 once on the server while three sites download or upload. Sent as row ranges of at most 24 MiB (views, no copy), every
 buffer on the way is as small as the model's ordinary matrices. The bytes sent are the same.
 
+The server serializes each tensor it sends once for all sites (`SerializedOnce`): NVFlare makes each site's download
+of the global model a transaction of its own, and each transaction serializes every tensor again, 4.26 GB of copies
+per site in the server's one process.
+
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
 copies its pieces into a tensor one by one (a site loading the received weights) or materializes them.
@@ -13,9 +17,18 @@ copies its pieces into a tensor one by one (a site loading the received weights)
 
 from __future__ import annotations
 
+import collections
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 import torch
+from nvflare.app_opt.pt.decomposers import TensorDecomposer
+from nvflare.app_opt.pt.tensor_downloader import TensorDownloadable
+from nvflare.fuel.f3.streaming.stream_utils import stream_thread_pool
+from nvflare.fuel.utils import fobs
+from nvflare.fuel.utils.fobs import dots
+from safetensors.torch import save as save_tensors
 
 from model import materialize, tensor_shape
 
@@ -115,3 +128,84 @@ def copy_into(tensor: torch.Tensor, value: Any) -> None:
             copy_into(tensor[rows], piece)
     else:
         tensor.copy_(materialize(value).to(tensor.device))
+
+
+class SerializedOnce:
+    """The serialized bytes of the tensors being sent, shared by every site's download of them.
+
+    An entry is keyed by the item's name and the tensor's memory, layout and version (an in-place change makes a new
+    key); a site asking for one that another site is serializing waits for it. Finished entries are kept while they
+    take at most `budget` bytes, oldest dropped first (a site that falls that far behind serializes the tensor again),
+    and all go on `clear()`, which the aggregator calls once the sites' results are in.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.held, self.made, self.served = budget, 0, 0, 0
+        self.entries: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, name: str, tensor: torch.Tensor, ahead: bool = False) -> bytes:
+        """The item's bytes, serialized now or earlier; `ahead`: a look-ahead, not counted as served."""
+        key = (name, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor._version)
+        with self.lock:
+            self.served += not ahead
+            entry, mine = self.entries.get(key), False
+            if entry is None:
+                entry = self.entries[key] = Future()
+                mine = True
+        if not mine:
+            return entry.result()
+        try:
+            data = save_tensors({name: tensor})  # what NVFlare sends for a tensor item
+        except BaseException as e:
+            with self.lock:
+                self.entries.pop(key, None)
+            entry.set_exception(e)
+            raise
+        entry.set_result(data)
+        with self.lock:
+            self.made += 1
+            if self.entries.get(key) is entry:
+                self.held += len(data)
+            while self.held > self.budget and next(iter(self.entries.values())).done():
+                self.held -= len(self.entries.popitem(last=False)[1].result())
+        return data
+
+    def clear(self) -> tuple[int, int]:
+        """Drop every entry; return how many tensors were serialized and how many items were served from them."""
+        with self.lock:
+            counts = (self.made, self.served)
+            self.entries.clear()
+            self.held = self.made = self.served = 0
+        return counts
+
+
+SERIALIZED = SerializedOnce(512 * 2**20)
+
+
+class _SharedTensorDownloadable(TensorDownloadable):
+    """NVFlare's download of a state dict, with each tensor's bytes from `SERIALIZED`."""
+
+    def produce_item(self, index: int) -> bytes:
+        tensors = self.base_obj
+        if tensors is None:
+            raise RuntimeError(f"item {index} requested after the tensors were released")
+        return SERIALIZED.get(self.keys[index], tensors[self.keys[index]])
+
+    def prefetch_item(self, index: int) -> None:
+        """Serialize the item ahead into `SERIALIZED`, as NVFlare's prefetch does into a future of its own."""
+        tensors = self.base_obj
+        if tensors is not None:
+            stream_thread_pool.submit(SERIALIZED.get, self.keys[index], tensors[self.keys[index]], ahead=True)
+
+
+class _SharedTensorDecomposer(TensorDecomposer):
+    def to_downloadable(self, items: dict, max_chunk_size: int, fobs_ctx: dict) -> TensorDownloadable:
+        return _SharedTensorDownloadable(items, max_chunk_size)
+
+
+def serialize_once_for_all_sites() -> bool:
+    """Have this process's tensor downloads share their serialized bytes (`SERIALIZED`); call it before NVFlare
+    registers its own tensor decomposer (FOBS keeps the first). False where another one was registered first."""
+    fobs.register(_SharedTensorDecomposer())
+    return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), _SharedTensorDecomposer)

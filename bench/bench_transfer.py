@@ -2,10 +2,12 @@
 
 Runs a FedAvgRecipe in the simulator (external client processes, PyTorch exchange, our aggregator with disk offload)
 whose clients receive the global state dict and send back a changed copy, and prints per round and client the
-seconds to receive and to send and the MB/s, and per transfer phase (all clients receiving, all sending) the CPU
-seconds per GB moved of the server process and of the clients together. `--env NAME=VALUE` passes NVFlare settings
-to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side by side;
-`--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the default) whole.
+seconds to receive and to send and the MB/s; per transfer phase (all clients receiving, all sending) the CPU seconds
+per GB moved of the server process and of the clients together; and per round how many tensor items the sites'
+downloads were served and from how many serializations (`transport.SerializedOnce`). `--env NAME=VALUE` passes
+NVFlare settings to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side
+by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the
+default) whole.
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--env NVFLARE_X=1 ...]
 """
 
@@ -105,6 +107,18 @@ def download_seconds(server_log: Path) -> list[float]:
             seconds.append(round(t - sent, 1))
             sent = None
     return seconds
+
+
+SERIALIZATIONS = re.compile(r"downloads were served (\d+) tensor items from (\d+) serializations")
+
+
+def serializations(server_log: Path) -> list[list[int]]:
+    """Per round, from the aggregator's log line: [tensor items served to the sites' downloads, serializations]."""
+    return [
+        [int(m.group(1)), int(m.group(2))]
+        for _, line in stamped_lines(server_log)
+        if (m := SERIALIZATIONS.search(line))
+    ]
 
 
 TRANSFER_DONE = re.compile(
@@ -222,7 +236,7 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
                       "wall_s": round(wall, 1), "peak_tree_rss_gib": round(peak["rss"] / 2**30, 1),
                       "peak_rss_gib_by_process": {k: round(v / 2**30, 1) for k, v in
                                                   sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:6]},
-                      "receive_s": receives, "send_s": sends,
+                      "receive_s": receives, "send_s": sends, "served_serialized": serializations(server_log),
                       "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
                       "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0],
                       "cpu_s_per_gb": cpu_per_gb(transfer_phases(server_log), peak["cpu"], peak["by_process"])}),

@@ -153,6 +153,9 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
             assert f"site={site} round={rnd}: received {n_sent} tensors ({n_sent} on disk)" in proc.stdout
             assert f"site={site} round={rnd}: sent {n_sent} tensors" in proc.stdout
         assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
+    # The server serialized each tensor it sent once for the three sites' downloads (site-3 downloads, then fails).
+    shared = f"the sites' downloads were served {3 * n_sent} tensor items from {n_sent} serializations"
+    assert server_log.count(shared) == 2
     losses = {(r["round"], r["site"]): r["loss"] for r in records}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
     assert "round 1 site-3: weight 0 (failed)" in proc.stdout

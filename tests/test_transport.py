@@ -1,5 +1,7 @@
 """Row parts of large tensors on the wire (transport.py), and the server's average of results sent in parts."""
 
+import time
+
 import pytest
 import torch
 from test_fl_server import expected_average, offloaded, site_result
@@ -75,3 +77,89 @@ def test_job_py_sends_in_parts_of_the_documented_size_by_default():
     from job import define_parser
 
     assert define_parser().get_default("part_mb") * 2**20 == transport.PART_BYTES
+
+
+def test_serialized_once_shares_bytes_until_the_tensor_changes_and_drops_the_oldest_over_budget():
+    from safetensors.torch import load
+
+    shared = transport.SerializedOnce(budget=2 * 4096 + 400)  # two entries and their headers
+    a, b, c = (torch.full((1024,), float(i)) for i in range(3))  # 4 KiB each
+    first = shared.get("T0", a)
+    assert load(first)["T0"].equal(a)
+    assert shared.get("T0", a) is first  # a second site's download: the same bytes, no new serialization
+    a.add_(1)  # the average writes into the global model's tensors: a new version, serialized anew
+    changed = shared.get("T0", a)
+    assert changed is not first and load(changed)["T0"].equal(a)
+    shared.get("T1", b), shared.get("T2", c)  # over the budget: the oldest finished entries go first
+    assert len(shared.entries) == 2 and shared.held <= shared.budget
+    assert shared.get("T2", c) is shared.get("T2", c)
+    assert shared.clear() == (4, 7)  # 4 serializations served 7 times
+    assert not shared.entries and shared.held == 0 and shared.clear() == (0, 0)
+
+
+def test_serialized_once_serializes_a_tensor_wanted_by_two_sites_at_once_only_once(monkeypatch):
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_save(tensors):
+        calls.append(list(tensors))
+        started.set()
+        release.wait(10)
+        return b"bytes of " + ",".join(tensors).encode()
+
+    monkeypatch.setattr(transport, "save_tensors", slow_save)
+    shared, results = transport.SerializedOnce(budget=1 << 20), []
+    tensor = torch.zeros(4)
+    first = threading.Thread(target=lambda: results.append(shared.get("T0", tensor)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(shared.get("T0", tensor)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waiting for the first site's serialization, not making its own
+    release.set()
+    first.join(10), second.join(10)
+    assert results == [b"bytes of T0", b"bytes of T0"] and calls == [["T0"]]
+
+
+def test_two_sites_downloads_of_one_state_dict_share_each_tensors_bytes(monkeypatch):
+    from safetensors.torch import load
+
+    monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 20))
+    params = transport.split(state(3, torch.bfloat16), PART)
+    site_1 = transport._SharedTensorDownloadable(dict(params), 2 * 2**20)  # NVFlare makes one per site's download
+    site_2 = transport._SharedTensorDownloadable(dict(params), 2 * 2**20)
+    site_1.prefetch_item(1)  # NVFlare's look-ahead: serialized into the shared bytes in its stream thread pool
+    deadline = time.monotonic() + 10
+    while transport.SERIALIZED.made < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert transport.SERIALIZED.made == 1
+    items_1 = [site_1.produce_item(i) for i in range(site_1.get_item_count())]
+    items_2 = [site_2.produce_item(i) for i in range(site_2.get_item_count())]
+    assert all(x is y for x, y in zip(items_1, items_2, strict=True))
+    for key, item in zip(params, items_1, strict=True):
+        assert load(item)[key].equal(params[key])
+    assert transport.SERIALIZED.clear() == (len(params), 2 * len(params))  # the look-ahead is not served
+    site_1.release()
+    with pytest.raises(RuntimeError, match="after the tensors were released"):
+        site_1.produce_item(0)
+
+
+def test_the_server_registers_the_shared_serialization_before_nvflare_does(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import transport\n"
+        "from nvflare.app_opt.pt.decomposers import TensorDecomposer\n"
+        "from nvflare.fuel.utils import fobs\n"
+        "from fl_server import SampleWeightedFedAvg\n"
+        "SampleWeightedFedAvg()\n"
+        "fobs.register(TensorDecomposer)  # what NVFlare's persistor does at the start of the run\n"
+        "print(transport.serialize_once_for_all_sites())\n"
+    )
+    root = transport.__file__.rsplit("/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True"]
