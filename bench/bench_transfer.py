@@ -7,8 +7,9 @@ per GB moved of the server process and of the clients together; and per round ho
 downloads were served and from how many serializations (`transport.SerializedOnce`). `--env NAME=VALUE` passes
 NVFlare settings to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side
 by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the
-default) whole.
-Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--env NVFLARE_X=1 ...]
+default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk).
+Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
+    [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -68,21 +69,28 @@ class PartsPersistor(PTFileModelPersistor):
 '''
 
 CLIENT = """
-import sys, time, torch
+import sys, tempfile, time
+from pathlib import Path
 import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLModel
 import transport
+from model import materialize
 
+part_bytes, to_disk = int(sys.argv[1]), sys.argv[2] == "disk"
+if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors into files, read back one at a time
+    from client import receive_to_disk
+
+    print(f"[transfer] receive to disk: {receive_to_disk(Path(tempfile.mkdtemp(prefix='received_', dir='.')))}")
 flare.init()
 while flare.is_running():
     received = flare.receive()
     if received is None:
         break
-    params = {k: torch.as_tensor(v) + 1 for k, v in received.params.items()}
+    params = {k: materialize(v) + 1 for k, v in received.params.items()}
     round_num, received = received.current_round, None
     gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
     ready = time.time()
-    params = transport.split(params, int(sys.argv[1]))  # parts stay parts; whole tensors over the size are split
+    params = transport.split(params, part_bytes)  # parts stay parts; whole tensors over the size are split
     flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
     print(f"[transfer] {flare.get_site_name()} round {round_num}: {gb:.2f} GB, send {time.time() - ready:.1f} s",
           flush=True)
@@ -182,11 +190,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--part_mb", type=float, default=0, help="send tensors over this size in row parts; 0: whole")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every process of the run")
+    parser.add_argument(
+        "--receive",
+        choices=("memory", "disk"),
+        default="memory",
+        help="clients receive into memory or, as job.py's sites do, to disk",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
     (work / "state_model.py").write_text(textwrap.dedent(SERVER_MODEL))
-    (work / "client.py").write_text(textwrap.dedent(CLIENT))
+    (work / "transfer_client.py").write_text(textwrap.dedent(CLIENT))
     job = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -198,14 +212,15 @@ from state_model import PartsPersistor
 
 part_bytes = {int(args.part_mb * 2**20)}
 recipe = FedAvgRecipe(name="transfer", model={{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}}}}},
-    model_persistor=PartsPersistor({args.gb}, part_bytes) if part_bytes else None, train_args=str(part_bytes),
-    min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "client.py")!r},
+    model_persistor=PartsPersistor({args.gb}, part_bytes) if part_bytes else None,
+    train_args="{int(args.part_mb * 2**20)} {args.receive}",
+    min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "transfer_client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
     aggregator=SampleWeightedFedAvg(), enable_tensor_disk_offload=True, server_memory_gc_rounds=1,
     client_memory_gc_rounds=1)
 for f in ("fl_server.py", "model.py", "host_memory.py", "transport.py"):
     recipe.add_server_file({str(ROOT)!r} + "/" + f)
-for f in ("model.py", "transport.py"):
+for f in ("model.py", "transport.py", "client.py", "host_memory.py"):
     recipe.add_client_file({str(ROOT)!r} + "/" + f)
 recipe.add_server_file({str(work / "state_model.py")!r})
 recipe.add_client_file({str(work / "state_model.py")!r})
