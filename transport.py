@@ -134,14 +134,15 @@ class SerializedOnce:
     """The serialized bytes of the tensors being sent, shared by every site's download of them.
 
     An entry is keyed by the item's name and the tensor's memory, layout and version (an in-place change makes a new
-    key); a site asking for one that another site is serializing waits for it. Finished entries are kept while they
-    take at most `budget` bytes, oldest dropped first (a site that falls that far behind serializes the tensor again),
-    and all go on `clear()`, which the aggregator calls once the sites' results are in.
+    key) and holds the tensor, so that no other tensor can take that memory while the entry lives. A site asking for
+    an entry that another site is serializing waits for it. Finished entries are kept while they take at most
+    `budget` bytes, oldest dropped first (a site that falls that far behind serializes the tensor again), and all go
+    on `clear()`, which the aggregator calls once the sites' results are in.
     """
 
     def __init__(self, budget: int):
         self.budget, self.held, self.made, self.served = budget, 0, 0, 0
-        self.entries: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[tuple, tuple[torch.Tensor, Future]] = collections.OrderedDict()
         self.lock = threading.Lock()
 
     def get(self, name: str, tensor: torch.Tensor, ahead: bool = False) -> bytes:
@@ -149,10 +150,11 @@ class SerializedOnce:
         key = (name, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor._version)
         with self.lock:
             self.served += not ahead
-            entry, mine = self.entries.get(key), False
-            if entry is None:
-                entry = self.entries[key] = Future()
-                mine = True
+            _, entry = self.entries.get(key, (None, None))
+            mine = entry is None
+            if mine:
+                entry = Future()
+                self.entries[key] = (tensor, entry)
         if not mine:
             return entry.result()
         try:
@@ -165,10 +167,10 @@ class SerializedOnce:
         entry.set_result(data)
         with self.lock:
             self.made += 1
-            if self.entries.get(key) is entry:
+            if self.entries.get(key, (None, None))[1] is entry:
                 self.held += len(data)
-            while self.held > self.budget and next(iter(self.entries.values())).done():
-                self.held -= len(self.entries.popitem(last=False)[1].result())
+            while self.held > self.budget and next(iter(self.entries.values()))[1].done():
+                self.held -= len(self.entries.popitem(last=False)[1][1].result())
         return data
 
     def clear(self) -> tuple[int, int]:

@@ -163,3 +163,15 @@ def test_the_server_registers_the_shared_serialization_before_nvflare_does(tmp_p
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True"]
+
+
+def test_serialized_once_never_serves_a_freed_tensors_bytes_for_the_tensor_now_at_its_address():
+    from safetensors.torch import load
+
+    shared = transport.SerializedOnce(budget=1 << 30)
+    for value in range(10):
+        old = torch.full((65536,), float(value))  # a size glibc hands out again at the same address once freed
+        shared.get("T0", old)
+        del old  # the entry keeps the tensor, so the allocator cannot give its memory to the next one
+        new = torch.full((65536,), value + 0.5)
+        assert load(shared.get("T0", new))["T0"].equal(new)
