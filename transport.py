@@ -192,13 +192,15 @@ class _SharedTensorDownloadable(TensorDownloadable):
         tensors = self.base_obj
         if tensors is None:
             raise RuntimeError(f"item {index} requested after the tensors were released")
-        return SERIALIZED.get(self.keys[index], tensors[self.keys[index]])
+        key = self.keys[index]
+        return SERIALIZED.get(key, tensors[key])
 
     def prefetch_item(self, index: int) -> None:
         """Serialize the item ahead into `SERIALIZED`, as NVFlare's prefetch does into a future of its own."""
         tensors = self.base_obj
         if tensors is not None:
-            stream_thread_pool.submit(SERIALIZED.get, self.keys[index], tensors[self.keys[index]], ahead=True)
+            key = self.keys[index]
+            stream_thread_pool.submit(SERIALIZED.get, key, tensors[key], ahead=True)
 
 
 class _SharedTensorDecomposer(TensorDecomposer):

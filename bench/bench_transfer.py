@@ -213,7 +213,7 @@ from state_model import PartsPersistor
 part_bytes = {int(args.part_mb * 2**20)}
 recipe = FedAvgRecipe(name="transfer", model={{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}}}}},
     model_persistor=PartsPersistor({args.gb}, part_bytes) if part_bytes else None,
-    train_args="{int(args.part_mb * 2**20)} {args.receive}",
+    train_args=f"{{part_bytes}} {args.receive}",
     min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "transfer_client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
     aggregator=SampleWeightedFedAvg(), enable_tensor_disk_offload=True, server_memory_gc_rounds=1,
@@ -245,7 +245,8 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     receives = download_seconds(server_log)
     for line in lines:
         print(line[line.index("[transfer]") :])
-    print(json.dumps({"env": args.env, "part_mb": args.part_mb, "gb": args.gb, "clients": args.clients,
+    print(json.dumps({"env": args.env, "part_mb": args.part_mb, "receive": args.receive, "gb": args.gb,
+                      "clients": args.clients,
                       "rounds": args.rounds,
                       "rc": proc.returncode,
                       "wall_s": round(wall, 1), "peak_tree_rss_gib": round(peak["rss"] / 2**30, 1),
