@@ -6,9 +6,10 @@ weights to them in place. Every rank trains. Rank 0 sends the updated weights in
 weighs by (`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights,
 only the error in its meta, so the average ignores it; the site tries again next round.
 
-Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints, the latest round's checkpoint),
-`--save_sent` (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors
-larger than this travel in row parts, transport.py); all others go to the trainer (`local_trainer.parse_train_args`).
+Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
+site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
+(also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors larger than this
+travel in row parts, transport.py); all others go to the trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import torch
 import torch.distributed as dist
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
-from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.client.tracking import SummaryWriter
 from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.fobs import FOBSContextKey, dots
@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainer", choices=("builtin", "qwen"), default="builtin")
     parser.add_argument("--work_dir", default=None, help="checkpoint folder (default: ./qwen3vl_checkpoints)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("last", "every"),
+        default="last",
+        help="write the site's checkpoint after the last round only, or after every round (keeping the latest)",
+    )
     parser.add_argument("--save_sent", action="store_true", help="keep the weights sent each round (sent/round-N)")
     parser.add_argument(
         "--part_mb",
@@ -96,19 +102,32 @@ def hint(error: str, train_argv: list[str]) -> str:
     return "see the traceback above in this site's log"
 
 
-def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, metrics: dict, keep_sent: bool) -> None:
-    """Checkpoint the latest round only (disk use stays flat); optionally keep exactly what was sent."""
-    ckpt = work_dir / f"round-{round_num}"
-    if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
-        trainer.save_checkpoint(str(ckpt), sent)
-    if RANK != 0:
-        return
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
-    for old in work_dir.glob("round-*"):
-        if old != ckpt:
-            shutil.rmtree(old, ignore_errors=True)
-    if keep_sent and sent is not None:
+def checkpoint_due(mode: str, round_num: int, total_rounds: int | None) -> bool:
+    """Whether this round's checkpoint is written: every round, or the last one (every round if the total is unknown).
+
+    Writing a 4.26 GB checkpoint takes the site's disk and its rank 0 while the next round's global model is already
+    arriving, so by default only the last round writes one (the server keeps the global model every round).
+    """
+    return mode == "every" or total_rounds is None or round_num >= total_rounds - 1
+
+
+def save_round(
+    work_dir: Path, round_num: int, trainer: Any, sent: dict | None, metrics: dict, checkpoint: bool, keep_sent: bool
+) -> None:
+    """Checkpoint this round if `checkpoint`, dropping older ones (disk use stays flat); if `keep_sent`, also keep
+    exactly what was sent."""
+    if checkpoint:
+        ckpt = work_dir / f"round-{round_num}"
+        if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
+            trainer.save_checkpoint(str(ckpt), sent)
+        if RANK == 0:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
+            for old in work_dir.glob("round-*"):
+                if old != ckpt:
+                    shutil.rmtree(old, ignore_errors=True)
+            print(f"round={round_num}: checkpoint written to {ckpt}", flush=True)
+    if RANK == 0 and keep_sent and sent is not None:
         from safetensors.torch import save_file
 
         sent_dir = work_dir / "sent"
@@ -117,8 +136,9 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, sent: dict | None, 
         (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
 
 
-class DiskTensorDecomposer(TensorDecomposer):
-    """NVFlare's tensor decomposer, downloading every received tensor into `folder` (NVFlare's tensor disk offload)."""
+class DiskTensorDecomposer(transport.GroupedTensorDecomposer):
+    """NVFlare's tensor decomposer, downloading every received tensor into `folder` (NVFlare's tensor disk offload);
+    what this site sends goes in grouped items (transport.py)."""
 
     def __init__(self, folder: str):
         super().__init__()
@@ -174,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     while True:
         global_model = flare.receive() if RANK == 0 else None
-        round_num = broadcast(None if global_model is None else global_model.current_round)
+        round_num, total_rounds = broadcast(
+            (None, None) if global_model is None else (global_model.current_round, global_model.total_rounds)
+        )
         if round_num is None:
             break
 
@@ -229,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(out)
         if error is None:  # after sending: the server aggregates while this site writes its checkpoint
             try:
-                save_round(work_dir, round_num, trainer, result.state_dict, metrics, args.save_sent)
+                due = checkpoint_due(args.checkpoint, round_num, total_rounds)
+                save_round(work_dir, round_num, trainer, result.state_dict, metrics, due, args.save_sent)
             except Exception as e:
                 print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         result = global_model = out = None

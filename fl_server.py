@@ -211,13 +211,14 @@ class SampleWeightedFedAvg(ModelAggregator):
             for name, rows in [transport.parse(key)]
         }
         from_disk = len(self._on_disk)
+        files = len({v.path for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
         self._last_output = tensors
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
         self.info(
-            f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk, "
-            f"{reused}/{len(tensors)} tensors written in place) in {time.perf_counter() - start:.1f} s"
+            f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk in "
+            f"{files} files, {reused}/{len(tensors)} tensors written in place) in {time.perf_counter() - start:.1f} s"
         )
         result = FLModel(
             params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}

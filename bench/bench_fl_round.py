@@ -4,8 +4,10 @@ Runs `python job.py` (NVFlare simulator, 3 sites on one GPU, a few training step
 the wall time between the server's "Aggregated N/N" lines minus the slowest site's training seconds (the
 overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS of the whole process tree, also
 net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
-exchange), measured first. Once a second the RSS of every process over 1 GiB goes to WORKDIR/rss_timeline.json.
-Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...] [--solo_only]
+exchange), measured first. Once a second the RSS of every process over 1 GiB, and the machine's dirty page cache
+(written, not yet on disk), go to WORKDIR/rss_timeline.json.
+Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...]
+    [--site_args="--checkpoint every"] [--solo_only]
 """
 
 from __future__ import annotations
@@ -61,10 +63,21 @@ def peak_tree_rss(proc: subprocess.Popen, peak: dict) -> None:
         peak["rss"] = max(peak["rss"], total)
         if "timeline" in peak and time.time() - last_row >= 1.0:
             last_row = time.time()
+            dirty = dirty_gib()
+            peak["dirty"] = max(peak.get("dirty", 0.0), dirty or 0.0)
             peak["timeline"].append(
-                {"time": datetime.now().strftime("%H:%M:%S"), "tree": round(total / 2**30, 2)} | row
+                {"time": datetime.now().strftime("%H:%M:%S"), "tree": round(total / 2**30, 2), "dirty": dirty} | row
             )
         time.sleep(0.2)
+
+
+def dirty_gib() -> float | None:
+    """The machine's page cache waiting to be written to disk (Dirty + Writeback), or None off Linux."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    except OSError:
+        return None
+    return round(sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) / 2**20, 2)
 
 
 def env_overrides(assignments: list[str]) -> dict[str, str]:
@@ -107,6 +120,11 @@ def extra_args(args: argparse.Namespace) -> list[str]:
     return (TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")).split()
 
 
+def site_only_args(args: argparse.Namespace) -> list[str]:
+    """--site_args: client.py flags for the job's sites only (the training-only run has no client.py)."""
+    return args.site_args.split()
+
+
 def training_only_rss_gib(train_args: list[str], env: dict[str, str]) -> float:
     """Peak RSS of one site's trainer training a round on its own, with no NVFlare and no exchange: what training
     itself needs in host memory (libraries, CUDA context, data), to subtract from the job's peak. `env`: the
@@ -128,6 +146,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
+    ap.add_argument("--site_args", default="", help='more client.py flags, e.g. --site_args="--checkpoint every"')
     ap.add_argument("--solo_only", action="store_true", help="only measure one trainer training alone")
     ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --part_mb 64")
     args = ap.parse_args()
@@ -150,7 +169,7 @@ def main() -> None:
         print(json.dumps(dict(env=args.env, training_only_peak_rss_gib_per_site=round(training_only, 2))), flush=True)
         return
     gpu = [] if args.tiny else ["--gpu", ",".join("[0]" for _ in range(args.clients))]
-    extra = " ".join(extra_args(args))
+    extra = " ".join(extra_args(args) + site_only_args(args))
     cmd = [
         sys.executable, str(ROOT / "job.py"), "--model_name_or_path", str(model_dir), "--data_dir", str(work / "data"),
         "--image_root", str(work / "images"), "--n_clients", str(args.clients), "--num_rounds", str(args.rounds),
@@ -167,12 +186,12 @@ def main() -> None:
     watcher.join(timeout=1)
     app = work / "ws" / "qwen3-vl" / "server" / "simulate_job" / "app_server"
     rows = round_overheads(work / "ws" / "qwen3-vl" / "server" / "log.txt", app / "site_metrics.json", args.clients)
-    summary = dict(rc=rc, job_args=args.job_args, env=args.env, rounds=args.rounds, clients=args.clients,
-                   wall_s=round(wall, 1),
+    summary = dict(rc=rc, job_args=args.job_args, site_args=args.site_args, env=args.env, rounds=args.rounds,
+                   clients=args.clients, wall_s=round(wall, 1),
                    peak_tree_rss_gib=round(peak["rss"] / 2**30, 1),
                    training_only_peak_rss_gib_per_site=round(training_only, 1),
                    peak_beyond_training_gib=round(peak["rss"] / 2**30 - args.clients * training_only, 1),
-                   per_round=rows)  # fmt: skip
+                   peak_dirty_page_cache_gib=peak.get("dirty"), per_round=rows)  # fmt: skip
     top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
     summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
     (work / "rss_timeline.json").write_text(json.dumps(peak["timeline"], indent=0))

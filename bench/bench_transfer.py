@@ -7,9 +7,11 @@ per GB moved of the server process and of the clients together; and per round ho
 downloads were served and from how many serializations (`transport.SerializedOnce`). `--env NAME=VALUE` passes
 NVFlare settings to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side
 by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the
-default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk).
+default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk);
+`--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
+the job sends), `--layout mats` only the embedding and 25 MB matrices.
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -40,15 +42,25 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 import transport
 
+SHAPES = None  # the 2B model's tensor shapes, in state dict order (bench_transfer.py fills them in), or None
+
 class StateDictOnly(torch.nn.Module):
-    """A 2B-shaped bf16 state dict: the 622 MB embedding and 25 MB matrices, `gb` GB in all."""
+    """A bf16 state dict of `gb` GB: the first tensors of Qwen3-VL-2B's (SHAPES), or the 622 MB embedding and 25 MB
+    matrices."""
 
     def __init__(self, gb: float):
         super().__init__()
-        self.embed = torch.nn.Parameter(torch.zeros(151936, 2048, dtype=torch.bfloat16))
-        n = max(0, round((gb * 1e9 - self.embed.numel() * 2) / (6144 * 2048 * 2)))
-        mats = (torch.nn.Parameter(torch.zeros(6144, 2048, dtype=torch.bfloat16)) for _ in range(n))
-        self.mats = torch.nn.ParameterList(mats)
+        if SHAPES is not None:
+            shapes, total = [], 0
+            for shape in SHAPES:
+                if total >= gb * 1e9:
+                    break
+                shapes.append(shape)
+                total += 2 * torch.Size(shape).numel()
+        else:
+            shapes = [(151936, 2048)]
+            shapes += [(6144, 2048)] * max(0, round((gb * 1e9 - 151936 * 2048 * 2) / (6144 * 2048 * 2)))
+        self.tensors = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes)
 
 
 class PartsPersistor(PTFileModelPersistor):
@@ -81,6 +93,10 @@ if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors in
     from client import receive_to_disk
 
     print(f"[transfer] receive to disk: {receive_to_disk(Path(tempfile.mkdtemp(prefix='received_', dir='.')))}")
+else:  # into memory, sending in grouped items as job.py's sites do
+    from nvflare.fuel.utils import fobs
+
+    fobs.register(transport.GroupedTensorDecomposer())
 flare.init()
 while flare.is_running():
     received = flare.receive()
@@ -183,6 +199,17 @@ def cpu_per_gb(phases: list[dict], cpu: dict, by_process: dict) -> list[dict]:
     return rows
 
 
+def qwen3vl_2b_shapes() -> list[tuple[int, ...]]:
+    """The shapes of Qwen3-VL-2B's state dict without the tied lm_head (625 tensors, 4.26 GB in bf16), in order."""
+    import torch
+    from bench_trainer import config_2b
+    from transformers import Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration._from_config(config_2b(), dtype=torch.bfloat16)
+    return [tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("lm_head")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=4.26, help="state dict size in GB (4.26: the 2B model)")
@@ -196,10 +223,19 @@ def main() -> None:
         default="memory",
         help="clients receive into memory or, as job.py's sites do, to disk",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("2b", "mats"),
+        default="2b",
+        help="2b: the first tensors of Qwen3-VL-2B's state dict (all 625 at 4.26 GB: 331 of 2 MiB and more, 322 "
+        "smaller, with row parts); mats: the embedding and 25 MB matrices only",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
-    (work / "state_model.py").write_text(textwrap.dedent(SERVER_MODEL))
+    shapes = qwen3vl_2b_shapes() if args.layout == "2b" else None
+    server_model = textwrap.dedent(SERVER_MODEL).replace("SHAPES = None", f"SHAPES = {shapes!r}")
+    (work / "state_model.py").write_text(server_model)
     (work / "transfer_client.py").write_text(textwrap.dedent(CLIENT))
     job = f"""
 import sys
@@ -245,7 +281,8 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     receives = download_seconds(server_log)
     for line in lines:
         print(line[line.index("[transfer]") :])
-    print(json.dumps({"env": args.env, "part_mb": args.part_mb, "receive": args.receive, "gb": args.gb,
+    print(json.dumps({"env": args.env, "layout": args.layout, "part_mb": args.part_mb, "receive": args.receive,
+                      "gb": args.gb,
                       "clients": args.clients,
                       "rounds": args.rounds,
                       "rc": proc.returncode,

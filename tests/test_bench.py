@@ -1,5 +1,6 @@
 """The bench scripts' own parts: `--env` flags, and bench_transfer's transfer phases and CPU per GB from the log."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -61,3 +62,11 @@ def test_cpu_per_gb_counts_the_server_alone_and_the_clients_together(server_log)
     assert receive["server_cpu_s_per_gb"] == pytest.approx(20 * 1.5 / gb, abs=0.01)  # the largest, not the relay
     assert receive["clients_cpu_s_per_gb"] == pytest.approx(2 * 20 * 0.75 / gb, abs=0.01)
     assert send["server_user_sys"] == pytest.approx([17 * 1.0 / gb, 17 * 0.5 / gb], abs=0.01)
+
+
+def test_bench_transfer_sends_the_2b_models_own_tensor_shapes():
+    from bench_transfer import qwen3vl_2b_shapes
+
+    shapes = qwen3vl_2b_shapes()
+    assert len(shapes) == 625 and (151936, 2048) in shapes
+    assert sum(2 * math.prod(s) for s in shapes) == 4_255_064_064  # bf16 bytes, no tied lm_head

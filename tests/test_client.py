@@ -37,3 +37,26 @@ def test_received_weights_go_to_disk_even_before_the_client_api_is_initialised(t
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:3] == ["registered True", "still ours True", "to disk True True True"]
+
+
+def test_a_site_writes_its_checkpoint_after_the_last_round_or_every_round_if_asked():
+    sys.path.insert(0, str(ROOT))
+    from client import checkpoint_due, parse_args
+
+    assert parse_args([])[0].checkpoint == "last"
+    assert [checkpoint_due("last", r, 3) for r in range(3)] == [False, False, True]
+    assert [checkpoint_due("every", r, 3) for r in range(3)] == [True, True, True]
+    assert checkpoint_due("last", 0, None)  # a server that does not say how many rounds: every round
+
+
+def test_a_site_sends_its_weights_in_grouped_items(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import client
+    import transport
+
+    weights = {f"T{i}": torch.zeros(1000 if i == 0 else 10) for i in range(20)}
+    downloadable = client.DiskTensorDecomposer(str(tmp_path)).to_downloadable(weights, 2 * 2**20, {})
+    assert isinstance(downloadable, transport.GroupedTensorDownloadable) and downloadable.shared is None
+    assert downloadable.get_item_count() == 2  # the 4,000-byte tensor, then the 19 small ones together

@@ -140,12 +140,17 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
         assert f"{site}.simulate_job.client_api_trainer_1: created adhoc connector" in site_log, site
     # The results were offloaded to the server's disk and averaged from there, not held in its memory, into the
     # tensors of the global model they replace (the initial one in round 0).
-    n_tensors = len(final)
-    in_place = f"averaged 2 site(s) over 24 samples in fp32 (2 read from disk, {n_tensors}/{n_tensors} tensors written"
+    # Both ways the tensors travel grouped into items (transport.py), each offloaded item one file.
+    n_tensors, sent_keys = len(final), transport.split(final, int(PART_MB * 2**20))
+    n_sent, n_items = len(sent_keys), len(transport.group_keys(sent_keys))
+    assert n_sent > n_tensors > 5 * n_items
+    in_place = (
+        f"averaged 2 site(s) over 24 samples in fp32 (2 read from disk in {2 * n_items} files, "
+        f"{n_tensors}/{n_tensors} tensors written"
+    )
     assert server_log.count(in_place) == 2
     # The sites received the global weights to disk, the embedding in row parts, and read them back tensor by
     # tensor (part by part), not into their memory.
-    n_sent = len(transport.split(final, int(PART_MB * 2**20)))
     assert n_sent > n_tensors
     for site in SITE_SIZES:
         assert f"site={site}: global weights are received to disk" in proc.stdout
@@ -153,8 +158,8 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
             assert f"site={site} round={rnd}: received {n_sent} tensors ({n_sent} on disk)" in proc.stdout
             assert f"site={site} round={rnd}: sent {n_sent} tensors" in proc.stdout
         assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
-    # The server serialized each tensor it sent once for the three sites' downloads (site-3 downloads, then fails).
-    shared = f"the sites' downloads were served {3 * n_sent} tensor items from {n_sent} serializations"
+    # The server serialized each item it sent once for the three sites' downloads (site-3 downloads, then fails).
+    shared = f"the sites' downloads were served {3 * n_items} tensor items from {n_items} serializations"
     assert server_log.count(shared) == 2
     losses = {(r["round"], r["site"]): r["loss"] for r in records}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"

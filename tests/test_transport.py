@@ -84,15 +84,15 @@ def test_serialized_once_shares_bytes_until_the_tensor_changes_and_drops_the_old
 
     shared = transport.SerializedOnce(budget=2 * 4096 + 400)  # two entries and their headers
     a, b, c = (torch.full((1024,), float(i)) for i in range(3))  # 4 KiB each
-    first = shared.get("T0", a)
+    first = shared.get({"T0": a})
     assert load(first)["T0"].equal(a)
-    assert shared.get("T0", a) is first  # a second site's download: the same bytes, no new serialization
+    assert shared.get({"T0": a}) is first  # a second site's download: the same bytes, no new serialization
     a.add_(1)  # the average writes into the global model's tensors: a new version, serialized anew
-    changed = shared.get("T0", a)
+    changed = shared.get({"T0": a})
     assert changed is not first and load(changed)["T0"].equal(a)
-    shared.get("T1", b), shared.get("T2", c)  # over the budget: the oldest finished entries go first
+    shared.get({"T1": b}), shared.get({"T2": c})  # over the budget: the oldest finished entries go first
     assert len(shared.entries) == 2 and shared.held <= shared.budget
-    assert shared.get("T2", c) is shared.get("T2", c)
+    assert shared.get({"T2": c}) is shared.get({"T2": c})
     assert shared.clear() == (4, 7)  # 4 serializations served 7 times
     assert not shared.entries and shared.held == 0 and shared.clear() == (0, 0)
 
@@ -111,10 +111,10 @@ def test_serialized_once_serializes_a_tensor_wanted_by_two_sites_at_once_only_on
     monkeypatch.setattr(transport, "save_tensors", slow_save)
     shared, results = transport.SerializedOnce(budget=1 << 20), []
     tensor = torch.zeros(4)
-    first = threading.Thread(target=lambda: results.append(shared.get("T0", tensor)))
+    first = threading.Thread(target=lambda: results.append(shared.get({"T0": tensor})))
     first.start()
     assert started.wait(10)
-    second = threading.Thread(target=lambda: results.append(shared.get("T0", tensor)))
+    second = threading.Thread(target=lambda: results.append(shared.get({"T0": tensor})))
     second.start()
     second.join(0.2)
     assert second.is_alive()  # waiting for the first site's serialization, not making its own
@@ -123,13 +123,24 @@ def test_serialized_once_serializes_a_tensor_wanted_by_two_sites_at_once_only_on
     assert results == [b"bytes of T0", b"bytes of T0"] and calls == [["T0"]]
 
 
-def test_two_sites_downloads_of_one_state_dict_share_each_tensors_bytes(monkeypatch):
+def test_group_keys_cuts_runs_of_at_most_the_largest_tensor_capped():
+    sizes = {"a": 10, "b": 30, "c": 50, "d": 20, "e": 25, "f": 5, "g": 100}  # bytes
+    tensors = {k: torch.zeros(n, dtype=torch.uint8) for k, n in sizes.items()}
+    assert transport.group_keys(tensors) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]  # runs up to 100 bytes
+    assert transport.group_keys(tensors, cap=50) == [["a", "b"], ["c"], ["d", "e", "f"], ["g"]]
+    assert transport.group_keys({}) == []
+
+
+def test_two_sites_downloads_of_one_state_dict_share_each_items_bytes(monkeypatch):
     from safetensors.torch import load
 
     monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 20))
-    params = transport.split(state(3, torch.bfloat16), PART)
-    site_1 = transport._SharedTensorDownloadable(dict(params), 2 * 2**20)  # NVFlare makes one per site's download
-    site_2 = transport._SharedTensorDownloadable(dict(params), 2 * 2**20)
+    params = transport.split(state(3, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
+    groups = transport.group_keys(params)
+    assert len(groups) < len(params)  # the small tensors travel together
+    site_1 = transport.GroupedTensorDownloadable(dict(params), 2 * 2**20, transport.SERIALIZED)  # one per download
+    site_2 = transport.GroupedTensorDownloadable(dict(params), 2 * 2**20, transport.SERIALIZED)
+    assert site_1.get_item_count() == len(groups)
     site_1.prefetch_item(1)  # NVFlare's look-ahead: serialized into the shared bytes in its stream thread pool
     deadline = time.monotonic() + 10
     while transport.SERIALIZED.made < 1 and time.monotonic() < deadline:
@@ -138,12 +149,37 @@ def test_two_sites_downloads_of_one_state_dict_share_each_tensors_bytes(monkeypa
     items_1 = [site_1.produce_item(i) for i in range(site_1.get_item_count())]
     items_2 = [site_2.produce_item(i) for i in range(site_2.get_item_count())]
     assert all(x is y for x, y in zip(items_1, items_2, strict=True))
-    for key, item in zip(params, items_1, strict=True):
-        assert load(item)[key].equal(params[key])
-    assert transport.SERIALIZED.clear() == (len(params), 2 * len(params))  # the look-ahead is not served
+    received = {}
+    for keys, item in zip(groups, items_1, strict=True):
+        loaded = load(item)
+        assert sorted(loaded) == sorted(keys)
+        received.update(loaded)
+    assert received.keys() == params.keys() and all(received[k].equal(v) for k, v in params.items())
+    assert transport.SERIALIZED.clear() == (len(groups), 2 * len(groups))  # the look-ahead is not served
     site_1.release()
     with pytest.raises(RuntimeError, match="after the tensors were released"):
         site_1.produce_item(0)
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
+def test_nvflares_receivers_read_a_grouped_item_as_its_tensors(tmp_path, to_disk):
+    """A site's grouped upload as the server's offload (disk) or an in-memory receiver takes it, via NVFlare's own
+    consumers: every tensor under its item name, whatever item it came in."""
+    from nvflare.app_opt.pt.tensor_downloader import DiskTensorConsumer, TensorConsumer
+    from safetensors.torch import load_file
+
+    params = transport.split(state(4, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
+    ids = {f"T{i}": v for i, v in enumerate(params.values())}  # FOBS sends tensors under item ids
+    sender = transport.GroupedTensorDownloadable(ids, 2 * 2**20)
+    items = [sender.produce_item(i) for i in range(sender.get_item_count())]
+    consumer = DiskTensorConsumer(str(tmp_path)) if to_disk else TensorConsumer(None, {})
+    result = None
+    for item in items:
+        result = consumer.consume_items([item], result)
+    if to_disk:
+        assert len(list(tmp_path.iterdir())) == len(items)  # one file per item, not per tensor
+        result = {k: load_file(path)[key] for k, (path, key) in result.items()}
+    assert result.keys() == ids.keys() and all(result[k].equal(v) for k, v in ids.items())
 
 
 def test_the_server_registers_the_shared_serialization_before_nvflare_does(tmp_path):
@@ -171,7 +207,7 @@ def test_serialized_once_never_serves_a_freed_tensors_bytes_for_the_tensor_now_a
     shared = transport.SerializedOnce(budget=1 << 30)
     for value in range(10):
         old = torch.full((65536,), float(value))  # a size glibc hands out again at the same address once freed
-        shared.get("T0", old)
+        shared.get({"T0": old})
         del old  # the entry keeps the tensor, so the allocator cannot give its memory to the next one
         new = torch.full((65536,), value + 0.5)
-        assert load(shared.get("T0", new))["T0"].equal(new)
+        assert load(shared.get({"T0": new}))["T0"].equal(new)
