@@ -9,6 +9,14 @@ from test_fl_server import expected_average, offloaded, site_result
 import transport
 from fl_server import SampleWeightedFedAvg
 
+
+def load(data) -> dict[str, torch.Tensor]:
+    """An item's tensors, from the bytes (or buffer) it is sent as."""
+    from safetensors.torch import load as load_bytes
+
+    return load_bytes(bytes(data))
+
+
 PART = 100 * 4  # bytes: 100 fp32 elements, 10 rows of a 10-column matrix
 
 
@@ -80,8 +88,6 @@ def test_job_py_sends_in_parts_of_the_documented_size_by_default():
 
 
 def test_serialized_once_shares_bytes_until_the_tensor_changes_and_drops_the_oldest_over_budget():
-    from safetensors.torch import load
-
     shared = transport.SerializedOnce(budget=2 * 4096 + 400)  # two entries and their headers
     a, b, c = (torch.full((1024,), float(i)) for i in range(3))  # 4 KiB each
     first = shared.get({"T0": a})
@@ -108,7 +114,7 @@ def test_serialized_once_serializes_a_tensor_wanted_by_two_sites_at_once_only_on
         release.wait(10)
         return b"bytes of " + ",".join(tensors).encode()
 
-    monkeypatch.setattr(transport, "save_tensors", slow_save)
+    monkeypatch.setattr(transport, "serialize", slow_save)
     shared, results = transport.SerializedOnce(budget=1 << 20), []
     tensor = torch.zeros(4)
     first = threading.Thread(target=lambda: results.append(shared.get({"T0": tensor})))
@@ -123,6 +129,35 @@ def test_serialized_once_serializes_a_tensor_wanted_by_two_sites_at_once_only_on
     assert results == [b"bytes of T0", b"bytes of T0"] and calls == [["T0"]]
 
 
+def test_serialize_writes_what_safetensors_reads_back_for_every_dtype_and_shape(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    item = {
+        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "f32": torch.randn(7, generator=g),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4, dtype=torch.float16),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "row_view": torch.randn(6, 4, generator=g)[2:4],  # a contiguous view at an offset, as row parts are
+    }
+    data = bytes(transport.serialize(item))
+    loaded = load(data)
+    assert sorted(loaded) == sorted(item)
+    assert all(loaded[k].equal(v) and loaded[k].dtype == v.dtype for k, v in item.items())
+    (tmp_path / "item.safetensors").write_bytes(data)
+    with safe_open(str(tmp_path / "item.safetensors"), framework="pt") as f:  # how offloaded items are read
+        assert f.get_tensor("row_view").equal(item["row_view"])
+    one = {"T0": item["bf16"]}
+    assert bytes(transport.serialize(one)) == save(one)  # a single tensor: byte for byte what NVFlare would send
+    odd = {"u16": torch.zeros(3, dtype=torch.uint16), "t": torch.zeros(4, 4).t()}  # left to safetensors itself
+    with pytest.raises(ValueError):
+        transport.serialize(odd)  # safetensors refuses the non-contiguous one, as NVFlare's own send does
+    assert load(bytes(transport.serialize({"u16": odd["u16"]})))["u16"].equal(odd["u16"])
+
+
 def test_group_keys_cuts_runs_of_at_most_the_largest_tensor_capped():
     sizes = {"a": 10, "b": 30, "c": 50, "d": 20, "e": 25, "f": 5, "g": 100}  # bytes
     tensors = {k: torch.zeros(n, dtype=torch.uint8) for k, n in sizes.items()}
@@ -132,8 +167,6 @@ def test_group_keys_cuts_runs_of_at_most_the_largest_tensor_capped():
 
 
 def test_two_sites_downloads_of_one_state_dict_share_each_items_bytes(monkeypatch):
-    from safetensors.torch import load
-
     monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 20))
     params = transport.split(state(3, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
     groups = transport.group_keys(params)
@@ -171,7 +204,7 @@ def test_nvflares_receivers_read_a_grouped_item_as_its_tensors(tmp_path, to_disk
     params = transport.split(state(4, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
     ids = {f"T{i}": v for i, v in enumerate(params.values())}  # FOBS sends tensors under item ids
     sender = transport.GroupedTensorDownloadable(ids, 2 * 2**20)
-    items = [sender.produce_item(i) for i in range(sender.get_item_count())]
+    items = [bytes(sender.produce_item(i)) for i in range(sender.get_item_count())]  # as they arrive
     consumer = DiskTensorConsumer(str(tmp_path)) if to_disk else TensorConsumer(None, {})
     result = None
     for item in items:
@@ -202,8 +235,6 @@ def test_the_server_registers_the_shared_serialization_before_nvflare_does(tmp_p
 
 
 def test_serialized_once_never_serves_a_freed_tensors_bytes_for_the_tensor_now_at_its_address():
-    from safetensors.torch import load
-
     shared = transport.SerializedOnce(budget=1 << 30)
     for value in range(10):
         old = torch.full((65536,), float(value))  # a size glibc hands out again at the same address once freed
