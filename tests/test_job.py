@@ -138,6 +138,8 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     for site in SITE_SIZES:
         site_log = (ws / site / "log.txt").read_text()
         assert f"{site}.simulate_job.client_api_trainer_1: created adhoc connector" in site_log, site
+        # The server told the sites to ask for their next task after 0.25 s (job.py), not NVFlare's 2 s.
+        assert f"Finished one task run for client: {site} interval: 0.25 task_processed: True" in site_log
     # The results were offloaded to the server's disk and averaged from there, not held in its memory, into the
     # tensors of the global model they replace (the initial one in round 0).
     # Both ways the tensors travel grouped into items (transport.py), each offloaded item one file.
@@ -273,6 +275,7 @@ def test_export_writes_per_site_torchrun_commands(tmp_path, tiny_model_dir):
         assert f"{tmp_path / 'remote'}/site-{i}" in command
         assert config["submit_task_result_timeout"] >= 600 and config["tensor_min_download_timeout"] >= 600
     server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    assert server["server"]["task_request_interval"] == 0.25  # NVFlare's 2 s would idle sites after each average
     paths = {c["path"] for c in server["components"]}
     assert {"fl_server.QwenPersistor", "nvflare.app_opt.tracking.wandb.wandb_receiver.WandBReceiver"} <= paths
 
@@ -285,6 +288,8 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
     assert proc.returncode != 0 and "--gpu" in proc.stderr
     proc = run_job("--n_clients", "2", "--part_mb", "-1", "--data_dir", str(site_data))
     assert proc.returncode != 0 and "--part_mb -1 is negative" in proc.stderr
+    proc = run_job("--n_clients", "2", "--task_request_interval", "0", "--data_dir", str(site_data))
+    assert proc.returncode != 0 and "--task_request_interval 0 must be a positive number" in proc.stderr
 
 
 @pytest.mark.slow
