@@ -47,15 +47,19 @@ PART_BYTES = 24 * 2**20  # job.py's --part_mb default (a test keeps them equal)
 _ROWS = "#rows="
 
 
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def split(state: dict[str, Any], part_bytes: int = PART_BYTES) -> dict[str, Any]:
     """`state` with each contiguous tensor over `part_bytes` replaced by views of its row ranges; 0: unchanged."""
     out = {}
     for name, value in state.items():
-        nbytes = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
-        if part_bytes <= 0 or nbytes <= part_bytes or value.dim() == 0 or not value.is_contiguous():
+        size = nbytes(value) if isinstance(value, torch.Tensor) else 0
+        if part_bytes <= 0 or size <= part_bytes or value.dim() == 0 or not value.is_contiguous():
             out[name] = value
             continue
-        row_bytes = max(1, nbytes // value.shape[0])
+        row_bytes = max(1, size // value.shape[0])
         rows = max(1, part_bytes // row_bytes)
         for start in range(0, value.shape[0], rows):
             stop = min(start + rows, value.shape[0])
@@ -139,10 +143,6 @@ def copy_into(tensor: torch.Tensor, value: Any) -> None:
             copy_into(tensor[rows], piece)
     else:
         tensor.copy_(materialize(value).to(tensor.device))
-
-
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 _SAFETENSORS_DTYPES = {
