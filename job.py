@@ -86,7 +86,10 @@ def define_parser() -> argparse.ArgumentParser:
     t.add_argument("--get_task_timeout", type=float, default=1800, help="client waiting for the global model")
     t.add_argument("--submit_task_result_timeout", type=float, default=1800, help="client uploading its weights")
     t.add_argument("--tensor_min_download_timeout", type=float, default=1800, help="lifetime of a tensor transfer")
-    t.add_argument("--streaming_per_request_timeout", type=float, default=600, help="one streamed chunk request")
+    t.add_argument(
+        "--streaming_per_request_timeout", type=float, default=120,
+        help="one streamed request (at most 24 MiB); a request NVFlare loses is retried after it",
+    )  # fmt: skip
     return p
 
 
