@@ -105,8 +105,8 @@ def hint(error: str, train_argv: list[str]) -> str:
 def checkpoint_due(mode: str, round_num: int, total_rounds: int | None) -> bool:
     """Whether this round's checkpoint is written: every round, or the last one (every round if the total is unknown).
 
-    Writing a 4.26 GB checkpoint takes the site's disk and its rank 0 while the next round's global model is already
-    arriving, so by default only the last round writes one (the server keeps the global model every round).
+    A checkpoint of the 2B model is 4.26 GB written per site, replaced the next round, so by default only the last
+    round writes one (the server keeps the global model every round).
     """
     return mode == "every" or total_rounds is None or round_num >= total_rounds - 1
 

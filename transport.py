@@ -6,12 +6,12 @@ these are 622 MB buffers, fresh memory each time (above glibc's largest mmap thr
 once on the server while three sites download or upload. Sent as row ranges of at most 24 MiB (views, no copy), every
 buffer on the way is as small as the model's ordinary matrices. The bytes sent are the same.
 
-NVFlare sends each tensor as an item of its own, and every item costs the sender and the receiver a fixed amount of
-work on top of its bytes (a reply of at most 2 MiB of items per request, a file per item where it is offloaded to
-disk): the 2B model's 625 tensors (322 of them under 2 MiB) and parts move 1.3-1.4x slower per byte than 24 MiB
-items do. `GroupedTensorDownloadable` sends consecutive tensors together as one item (one safetensors blob, which
-NVFlare's receivers read as the several tensors it holds) of at most the largest tensor's size, capped at
-`PART_BYTES`: 210 items in all for 2B, against 653. The state dict, its keys and the bytes sent stay the same.
+Each item also costs the sender and the receiver a fixed amount of work on top of its bytes (a reply of at most 2
+MiB of items per request, a file per item where it is offloaded to disk): the 2B model's 625 tensors (322 of them
+under 2 MiB) and parts move 1.3-1.4x slower per byte than 24 MiB items do. `GroupedTensorDownloadable` sends
+consecutive tensors together as one item (one safetensors blob, which NVFlare's receivers read as the several
+tensors it holds) of at most the largest tensor's size, capped at `PART_BYTES`: 210 items in all for 2B, against
+653. The state dict, its keys and the bytes sent stay the same.
 
 Items are serialized by `serialize` (safetensors' format, byte for byte what safetensors writes for one tensor) with
 torch copies, which leave Python's interpreter free to the process's other threads; safetensors' own `save` holds it.

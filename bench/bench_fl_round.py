@@ -120,11 +120,6 @@ def extra_args(args: argparse.Namespace) -> list[str]:
     return (TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")).split()
 
 
-def site_only_args(args: argparse.Namespace) -> list[str]:
-    """--site_args: client.py flags for the job's sites only (the training-only run has no client.py)."""
-    return args.site_args.split()
-
-
 def training_only_rss_gib(train_args: list[str], env: dict[str, str]) -> float:
     """Peak RSS of one site's trainer training a round on its own, with no NVFlare and no exchange: what training
     itself needs in host memory (libraries, CUDA context, data), to subtract from the job's peak. `env`: the
@@ -169,7 +164,7 @@ def main() -> None:
         print(json.dumps(dict(env=args.env, training_only_peak_rss_gib_per_site=round(training_only, 2))), flush=True)
         return
     gpu = [] if args.tiny else ["--gpu", ",".join("[0]" for _ in range(args.clients))]
-    extra = " ".join(extra_args(args) + site_only_args(args))
+    extra = " ".join(extra_args(args) + args.site_args.split())  # --site_args: client.py's, not the solo run's
     cmd = [
         sys.executable, str(ROOT / "job.py"), "--model_name_or_path", str(model_dir), "--data_dir", str(work / "data"),
         "--image_root", str(work / "images"), "--n_clients", str(args.clients), "--num_rounds", str(args.rounds),

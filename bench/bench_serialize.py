@@ -39,8 +39,9 @@ def counting_rate(work: Callable[[], object] | None, repeat: int) -> tuple[float
     start = time.perf_counter()
     if work is None:
         time.sleep(1.0)
-    for _ in range(repeat if work is not None else 0):
-        work()
+    else:
+        for _ in range(repeat):
+            work()
     elapsed = time.perf_counter() - start
     done.set()
     counter.join()
