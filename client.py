@@ -9,7 +9,8 @@ only the error in its meta, so the average ignores it; the site tries again next
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
 (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors larger than this
-travel in row parts, transport.py); all others go to the trainer (`local_trainer.parse_train_args`).
+travel in row parts, transport.py), `--compress_weights` (send the weights compressed, lossless: transport.pack);
+all others go to the trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         type=float,
         default=transport.PART_BYTES / 2**20,
         help="send larger tensors in row parts (0: whole)",
+    )
+    parser.add_argument(
+        "--compress_weights",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="send the weights compressed, lossless (about two thirds of the bytes for bf16)",
     )
     return parser.parse_known_args(argv)
 
@@ -140,8 +147,8 @@ class DiskTensorDecomposer(transport.GroupedTensorDecomposer):
     """NVFlare's tensor decomposer, downloading every received tensor into `folder` (NVFlare's tensor disk offload);
     what this site sends goes in grouped items (transport.py)."""
 
-    def __init__(self, folder: str):
-        super().__init__()
+    def __init__(self, folder: str, packed: bool = False):
+        super().__init__(packed)
         self.folder = folder
 
     def download(self, *args, fobs_ctx: dict | None = None, **kwargs):
@@ -149,7 +156,7 @@ class DiskTensorDecomposer(transport.GroupedTensorDecomposer):
         return super().download(*args, fobs_ctx={**(fobs_ctx or {}), **offload}, **kwargs)
 
 
-def receive_to_disk(folder: Path) -> bool:
+def receive_to_disk(folder: Path, compress: bool = False) -> bool:
     """Have NVFlare write the global weights it receives into `folder` instead of host memory, from the first task on.
 
     The trainer then reads them back one tensor at a time as it copies them into its model, so the site never holds
@@ -157,10 +164,11 @@ def receive_to_disk(folder: Path) -> bool:
     lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Call it before
     `flare.init`: the Client API starts receiving inside `init` (setting the offload on its cell afterwards let the
     first round arrive in memory now and then), and FOBS keeps the first decomposer registered for a type. False
-    where another one was registered first (then the weights arrive in memory).
+    where another one was registered first (then the weights arrive in memory). `compress`: what this site sends
+    goes compressed (transport.pack).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    fobs.register(DiskTensorDecomposer(str(folder)))
+    fobs.register(DiskTensorDecomposer(str(folder), compress))
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
 
 
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         train_argv += ["--output_dir", str(work_dir / "trainer_output")]
     site, writer = None, None
     if RANK == 0:
-        on_disk = receive_to_disk(work_dir / "received")
+        on_disk = receive_to_disk(work_dir / "received", args.compress_weights)
         flare.init(rank="0")
         site = flare.get_site_name()
         writer = SummaryWriter()

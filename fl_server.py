@@ -8,8 +8,8 @@ average is then taken a slice at a time when the last result is in, from the map
 a whole result or an fp32 copy of the model in memory. The average is written into the tensors of the global model it
 replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
 (transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a background thread.
-The aggregator also has the sites' downloads share each tensor's serialized bytes (`transport.SerializedOnce`) and
-drops those bytes once the results are in.
+The aggregator also has the sites' downloads share each tensor's serialized bytes (`transport.SerializedOnce`),
+compressed with `compress_weights` (`transport.pack`), and drops those bytes once the results are in.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start
@@ -108,10 +108,10 @@ def share_disk_offload_with_job_cell(engine) -> None:
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg in fp32, weighted by `metrics["samples"]`; failed sites (weight 0, `ERROR` meta) are ignored."""
 
-    def __init__(self, weight_key: str = "samples"):
+    def __init__(self, weight_key: str = "samples", compress_weights: bool = False):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB results
-        if not transport.serialize_once_for_all_sites():
+        if not transport.serialize_once_for_all_sites(packed=compress_weights):
             self.logger.warning("another tensor decomposer was registered first: each site's download serializes")
         self.weight_key = weight_key
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory

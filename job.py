@@ -78,6 +78,10 @@ def define_parser() -> argparse.ArgumentParser:
         help="tensors larger than this many MiB travel as row parts of at most this size (0: whole tensors)",
     )  # fmt: skip
     p.add_argument(
+        "--compress_weights", action=argparse.BooleanOptionalAction, default=False,
+        help="send the weights both ways compressed, lossless (about two thirds of the bytes for bf16)",
+    )  # fmt: skip
+    p.add_argument(
         "--task_request_interval", type=float, default=0.25,
         help="seconds a site waits before asking the server for its next task again (NVFlare's default: 2)",
     )  # fmt: skip
@@ -154,6 +158,7 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
     flags = [
         "--trainer", args.trainer,
         "--part_mb", f"{args.part_mb:g}",
+        "--compress_weights" if args.compress_weights else "--no-compress_weights",
         "--model_name_or_path", args.model_name_or_path,
         "--dataset_use", site_dir,
         "--image_root", site_path(args, args.image_root),
@@ -239,7 +244,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         model_persistor=QwenPersistor(
             args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
         ),
-        aggregator=SampleWeightedFedAvg(),
+        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
         server_expected_format=ExchangeFormat.PYTORCH,  # NumPy has no bf16

@@ -19,6 +19,11 @@ The server serializes each item it sends once for all sites (`SerializedOnce`): 
 of the global model a transaction of its own, and each transaction serializes every tensor again, 4.26 GB of copies
 per site in the server's one process.
 
+With `pack` on, each item travels compressed (`pack`, `unpack`: lossless, about two thirds of the bytes for bf16
+weights): a bf16 number's sign and exponent sit in its second byte, which takes 3 of its 8 bits compressed, while
+its mantissa byte is close to random. The item's odd and even bytes are compressed as two zstd frames. A receiver
+recognizes a packed item by its prefix, so only the sender chooses.
+
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
 copies its pieces into a tensor one by one (a site loading the received weights) or materializes them.
@@ -29,13 +34,20 @@ from __future__ import annotations
 import collections
 import json
 import struct
+import tempfile
 import threading
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
+import zstandard
+from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
-from nvflare.fuel.f3.streaming.cacheable import CacheableObject
+from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
+from nvflare.app_opt.pt.tensor_downloader import DiskTensorConsumer, TensorConsumer
+from nvflare.fuel.f3.streaming.cacheable import CacheableObject, ItemConsumer
+from nvflare.fuel.f3.streaming.download_service import Consumer, download_object
 from nvflare.fuel.f3.streaming.stream_utils import stream_thread_pool
 from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.fobs import dots
@@ -45,6 +57,14 @@ from model import materialize, tensor_shape
 
 PART_BYTES = 24 * 2**20  # job.py's --part_mb default (a test keeps them equal)
 _ROWS = "#rows="
+# A packed item's first 8 bytes. Read as a safetensors header's length (what an unpacked item starts with) they
+# would be over 2**63 bytes, so no unpacked item starts with them.
+PACKED = b"FLzstd1\xff"
+# zstd's fastest match search, over a small window: the bytes are numbers, not text, so longer searches find next
+# to nothing; the compression comes from coding the exponent bytes' skewed values.
+_ZSTD = zstandard.ZstdCompressionParameters(
+    window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, strategy=zstandard.STRATEGY_FAST
+)
 
 
 def nbytes(tensor: torch.Tensor) -> int:
@@ -179,6 +199,42 @@ def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
     return memoryview(buffer.numpy())
 
 
+def pack(blob: bytes | memoryview) -> bytes | memoryview:
+    """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
+    frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free."""
+    data = np.frombuffer(blob, dtype=np.uint8)
+    if data.size % 2:
+        return blob
+    pairs = data.reshape(-1, 2)
+    compressor = zstandard.ZstdCompressor(compression_params=_ZSTD)  # one per call: not shared across threads
+    odd = compressor.compress(np.ascontiguousarray(pairs[:, 1]))
+    even = compressor.compress(np.ascontiguousarray(pairs[:, 0]))
+    return b"".join((PACKED, struct.pack("<Q", len(odd)), odd, even))
+
+
+def unpack(item: bytes | memoryview) -> bytes | memoryview:
+    """The blob `pack` made `item` from; any other item as it is."""
+    view = memoryview(item)
+    if view[: len(PACKED)] != PACKED:
+        return item
+    if len(view) < 16:
+        raise ValueError(f"a packed item of {len(view)} bytes is cut short")
+    (odd_size,) = struct.unpack_from("<Q", view, 8)
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        odd = decompressor.decompress(view[16 : 16 + odd_size])
+        even = decompressor.decompress(view[16 + odd_size :])
+    except zstandard.ZstdError as e:
+        raise ValueError(f"a packed item of {len(view)} bytes does not decompress: {e}") from e
+    if len(odd) != len(even):
+        raise ValueError(f"a packed item's byte planes differ in size ({len(odd)} and {len(even)} bytes)")
+    out = np.empty(2 * len(odd), dtype=np.uint8)
+    pairs = out.reshape(-1, 2)
+    pairs[:, 1] = np.frombuffer(odd, dtype=np.uint8)
+    pairs[:, 0] = np.frombuffer(even, dtype=np.uint8)
+    return out.tobytes()  # NVFlare's receivers take bytes
+
+
 def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
     """The keys of `tensors` in order, cut into runs of at most the largest tensor's size (at most `cap`) in bytes;
     a tensor larger than that is a run of its own."""
@@ -209,10 +265,12 @@ class SerializedOnce:
         self.entries: collections.OrderedDict[tuple, tuple[list[torch.Tensor], Future]] = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, item: dict[str, torch.Tensor], ahead: bool = False) -> bytes | memoryview:
+    def get(self, item: dict[str, torch.Tensor], ahead: bool = False, packed: bool = False) -> bytes | memoryview:
         """The item's bytes (its tensors under their names), serialized now or earlier; `ahead`: a look-ahead, not
-        counted as served."""
-        key = tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version) for name, t in item.items())
+        counted as served; `packed`: compressed (`pack`)."""
+        key = (packed,) + tuple(
+            (name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version) for name, t in item.items()
+        )
         with self.lock:
             self.served += not ahead
             _, entry = self.entries.get(key, (None, None))
@@ -223,7 +281,7 @@ class SerializedOnce:
         if not mine:
             return entry.result()
         try:
-            data = serialize(item)
+            data = pack(serialize(item)) if packed else serialize(item)
         except BaseException as e:
             with self.lock:
                 self.entries.pop(key, None)
@@ -254,12 +312,18 @@ class GroupedTensorDownloadable(CacheableObject):
     """NVFlare's download of a state dict (item name -> tensor) in items of several tensors each (`group_keys`).
 
     `shared`: serialize each item once for all the downloads that ask for it (the server's `SERIALIZED`); None: each
-    download serializes its own (a site, sending to the server alone). Like NVFlare's own, it serializes the next
-    item ahead (`prefetch_item`) while the current one travels.
+    download serializes its own (a site, sending to the server alone). `packed`: send the items compressed (`pack`).
+    Like NVFlare's own, it serializes the next item ahead (`prefetch_item`) while the current one travels.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], max_chunk_size: int, shared: SerializedOnce | None = None):
-        self.groups, self.shared = group_keys(tensors), shared
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        max_chunk_size: int,
+        shared: SerializedOnce | None = None,
+        packed: bool = False,
+    ):
+        self.groups, self.shared, self.packed = group_keys(tensors), shared, packed
         self._ahead: dict[int, Future] = {}
         self._ahead_lock = threading.Lock()
         super().__init__(tensors, max_chunk_size)
@@ -276,7 +340,9 @@ class GroupedTensorDownloadable(CacheableObject):
         if tensors is None:
             raise RuntimeError(f"item {index} requested after the tensors were released")
         item = {key: tensors[key] for key in self.groups[index]}
-        return serialize(item) if self.shared is None else self.shared.get(item, ahead)
+        if self.shared is not None:
+            return self.shared.get(item, ahead, self.packed)
+        return pack(serialize(item)) if self.packed else serialize(item)
 
     def produce_item(self, index: int) -> bytes | memoryview:
         with self._ahead_lock:
@@ -301,22 +367,88 @@ class GroupedTensorDownloadable(CacheableObject):
         super().release()
 
 
+class Unpacking(Consumer):
+    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in the download's own thread.
+
+    NVFlare's download asks for the next reply before a consumer that keeps the state as it is has consumed this
+    one, so the unpacking overlaps the next reply's transfer."""
+
+    supports_pipelining = True
+
+    def __init__(self, inner: ItemConsumer):
+        super().__init__()
+        self.inner = inner
+
+    def consume(self, ref_id: str, state: dict, data: Any) -> dict:
+        self.inner.consume(ref_id, state, [unpack(item) for item in data])
+        return state
+
+    def download_completed(self, ref_id: str) -> None:
+        self.inner.download_completed(ref_id)
+
+    def download_failed(self, ref_id: str, reason: str) -> None:
+        self.inner.download_failed(ref_id, reason)
+
+
 class GroupedTensorDecomposer(TensorDecomposer):
-    """NVFlare's tensor decomposer, sending tensors grouped into items (`GroupedTensorDownloadable`)."""
+    """NVFlare's tensor decomposer, sending tensors grouped into items (`GroupedTensorDownloadable`), compressed when
+    `packed`, and receiving items packed or not, into memory or NVFlare's disk offload as NVFlare's own does."""
 
     shared: SerializedOnce | None = None
 
+    def __init__(self, packed: bool = False):
+        super().__init__()
+        self.packed = packed
+
     def to_downloadable(self, items: dict, max_chunk_size: int, fobs_ctx: dict) -> GroupedTensorDownloadable:
-        return GroupedTensorDownloadable(items, max_chunk_size, self.shared)
+        return GroupedTensorDownloadable(items, max_chunk_size, self.shared, self.packed)
+
+    def _download(
+        self,
+        from_fqcn: str,
+        ref_id: str,
+        per_request_timeout: float,
+        cell,
+        use_disk: bool,
+        root_dir: str | None = None,
+        secure=False,
+        optional=False,
+        abort_signal=None,
+        progress_cb=None,
+    ) -> tuple[str | None, Any]:
+        # NVFlare's download_tensors and download_tensors_to_disk, with their consumer behind Unpacking
+        if use_disk:
+            root_dir = root_dir or cell.get_fobs_context().get(_TENSOR_DISK_OFFLOAD_ROOT_DIR)
+            if not root_dir:
+                raise RuntimeError(f"{_TENSOR_DISK_OFFLOAD_ROOT_DIR} is not set in FOBS context")
+            temp_dir = tempfile.mkdtemp(prefix="nvflare_tensors_", dir=root_dir)
+            inner = DiskTensorConsumer(temp_dir)
+        else:
+            inner = TensorConsumer(None, {})
+        try:
+            download_object(from_fqcn=from_fqcn, ref_id=ref_id, per_request_timeout=per_request_timeout, cell=cell,
+                            consumer=Unpacking(inner), secure=secure, optional=optional, abort_signal=abort_signal,
+                            progress_cb=progress_cb)  # fmt: skip
+        except Exception:
+            if use_disk:
+                inner.cleanup()
+            raise
+        if not use_disk:
+            return inner.error, inner.result
+        if inner.error:
+            inner.cleanup()
+            return inner.error, None
+        inner.release()
+        return None, LazyTensorDict(key_to_file=inner.result or {}, temp_dir=temp_dir)
 
 
 class _SharedTensorDecomposer(GroupedTensorDecomposer):
     shared = SERIALIZED
 
 
-def serialize_once_for_all_sites() -> bool:
-    """Have this process's tensor downloads send grouped items and share their serialized bytes (`SERIALIZED`); call
-    it before NVFlare registers its own tensor decomposer (FOBS keeps the first). False where another one was
-    registered first."""
-    fobs.register(_SharedTensorDecomposer())
+def serialize_once_for_all_sites(packed: bool = False) -> bool:
+    """Have this process's tensor downloads send grouped items, compressed when `packed`, and share their serialized
+    bytes (`SERIALIZED`); call it before NVFlare registers its own tensor decomposer (FOBS keeps the first). False
+    where another one was registered first."""
+    fobs.register(_SharedTensorDecomposer(packed))
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), _SharedTensorDecomposer)

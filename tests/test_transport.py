@@ -158,6 +158,29 @@ def test_serialize_writes_what_safetensors_reads_back_for_every_dtype_and_shape(
     assert load(bytes(transport.serialize({"u16": odd["u16"]})))["u16"].equal(odd["u16"])
 
 
+def test_pack_gives_back_every_byte_and_compresses_bf16_weights_to_about_two_thirds():
+    g = torch.Generator().manual_seed(0)
+    weights = {"w": (torch.randn(512, 512, generator=g) * 0.02).bfloat16(), "norm": torch.ones(512).bfloat16()}
+    blob = transport.serialize(weights)
+    packed = transport.pack(blob)
+    assert packed[: len(transport.PACKED)] == transport.PACKED
+    assert 0.55 < len(packed) / len(blob) < 0.75  # the exponent bytes shrink, the mantissa bytes do not
+    assert transport.unpack(packed) == bytes(blob)
+    assert all(load(transport.unpack(packed))[k].equal(v) for k, v in weights.items())
+    fp32 = transport.serialize({"w": torch.randn(1000, generator=g)})
+    assert transport.unpack(transport.pack(fp32)) == bytes(fp32)  # lossless whatever the dtype
+    odd = b"\x01\x02\x03"
+    assert transport.pack(odd) is odd and transport.unpack(odd) is odd  # sent as it is, received as it is
+    assert transport.unpack(blob) is blob  # an unpacked item passes through
+
+
+@pytest.mark.parametrize("cut", [8, 20, -5], ids=["no-length", "odd-frame-cut", "even-frame-cut"])
+def test_a_damaged_packed_item_is_a_clear_error(cut):
+    packed = transport.pack(transport.serialize({"w": torch.randn(4096).bfloat16()}))
+    with pytest.raises(ValueError, match="packed item"):
+        transport.unpack(packed[:cut])
+
+
 def test_group_keys_cuts_runs_of_at_most_the_largest_tensor_capped():
     sizes = {"a": 10, "b": 30, "c": 50, "d": 20, "e": 25, "f": 5, "g": 100}  # bytes
     tensors = {k: torch.zeros(n, dtype=torch.uint8) for k, n in sizes.items()}
@@ -194,21 +217,25 @@ def test_two_sites_downloads_of_one_state_dict_share_each_items_bytes(monkeypatc
         site_1.produce_item(0)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
-def test_nvflares_receivers_read_a_grouped_item_as_its_tensors(tmp_path, to_disk):
+def test_nvflares_receivers_read_a_grouped_item_as_its_tensors(tmp_path, to_disk, packed):
     """A site's grouped upload as the server's offload (disk) or an in-memory receiver takes it, via NVFlare's own
-    consumers: every tensor under its item name, whatever item it came in."""
+    consumers behind `Unpacking`: every tensor under its item name, whatever item it came in, packed or not."""
     from nvflare.app_opt.pt.tensor_downloader import DiskTensorConsumer, TensorConsumer
     from safetensors.torch import load_file
 
     params = transport.split(state(4, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
     ids = {f"T{i}": v for i, v in enumerate(params.values())}  # FOBS sends tensors under item ids
-    sender = transport.GroupedTensorDownloadable(ids, 2 * 2**20)
+    sender = transport.GroupedTensorDownloadable(ids, 2 * 2**20, packed=packed)
     items = [bytes(sender.produce_item(i)) for i in range(sender.get_item_count())]  # as they arrive
-    consumer = DiskTensorConsumer(str(tmp_path)) if to_disk else TensorConsumer(None, {})
-    result = None
-    for item in items:
-        result = consumer.consume_items([item], result)
+    assert all(item.startswith(transport.PACKED) == packed for item in items)
+    inner = DiskTensorConsumer(str(tmp_path)) if to_disk else TensorConsumer(None, {})
+    consumer = transport.Unpacking(inner)
+    for index, item in enumerate(items):
+        state_sent = {"start": index, "count": 1}
+        assert consumer.consume("ref", state_sent, [item]) is state_sent  # unchanged: NVFlare pipelines requests
+    result = inner.result
     if to_disk:
         assert len(list(tmp_path.iterdir())) == len(items)  # one file per item, not per tensor
         result = {k: load_file(path)[key] for k, (path, key) in result.items()}
