@@ -114,6 +114,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         if not transport.serialize_once_for_all_sites(packed=compress_weights):
             self.logger.warning("another tensor decomposer was registered first: each site's download serializes")
         self.weight_key = weight_key
+        self.compress_weights = compress_weights  # NVFlare's job config is written from the attributes
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
         self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once

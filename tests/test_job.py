@@ -6,6 +6,7 @@ job resumed from the first one's global model.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -224,13 +225,20 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
         "--learning_rate", "0",  # sites send back what they got: the new global must be the resumed one
         "--workspace", str(tmp_path), "--master_port", str(free_port_base(2)),
         f"--train_args={demo_train_args()}", "--no-adhoc_connections",  # relayed by each site's client job
+        "--compress_weights",  # both ways: the bit-exact check below covers the compression too
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "adhoc" not in (tmp_path / JOB_NAME / "server" / "log.txt").read_text()
+    server_log = (tmp_path / JOB_NAME / "server" / "log.txt").read_text()
+    assert "adhoc" not in server_log
     resumed, before = global_weights(tmp_path / JOB_NAME), global_weights(first)
     assert resumed.keys() == before.keys()
     assert all(torch.equal(resumed[k], before[k]) for k in before)
     log = (tmp_path / JOB_NAME / "site-1" / "log.txt").read_text()
+    # NVFlare logs the bytes of every download: the sites' results (server's log) and the global model (site's)
+    raw = sum(v.numel() * v.element_size() for v in before.values())
+    done = re.findall(r"download ref=\S+ done: .*\(([\d,]+) bytes\)", server_log + log)
+    moved = [int(n.replace(",", "")) for n in done]
+    assert len(moved) >= 3 and all(n < 0.8 * raw for n in moved), (moved, raw)
     assert "site=site-1 round=0: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
     assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(tmp_path / JOB_NAME) / "site_metrics.json").read_text())
