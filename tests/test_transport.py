@@ -174,6 +174,30 @@ def test_pack_gives_back_every_byte_and_compresses_bf16_weights_to_about_two_thi
     assert transport.unpack(blob) is blob  # an unpacked item passes through
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["site", "server"])
+def test_packed_items_are_prepared_further_ahead_than_plain_ones(monkeypatch, shared):
+    monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 30))
+    params = {f"w{i}": torch.randn(64, 64).bfloat16() for i in range(8)}  # one tensor per item
+    made = {}
+    for packed in (False, True):
+        transport.SERIALIZED.clear()
+        download = transport.GroupedTensorDownloadable(
+            dict(params), 2 * 2**20, transport.SERIALIZED if shared else None, packed=packed
+        )
+        download.prefetch_item(1)  # what NVFlare asks for after sending item 0
+        deadline = time.monotonic() + 10
+        expected = transport.PACKED_AHEAD if packed else 1
+        while (transport.SERIALIZED.made if shared else len(download._ahead)) < expected:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)
+        made[packed] = transport.SERIALIZED.made if shared else len(download._ahead)
+        items = [download.produce_item(i) for i in range(download.get_item_count())]
+        assert all(load(transport.unpack(item))[f"w{i}"].equal(params[f"w{i}"]) for i, item in enumerate(items))
+        download.release()
+    assert made == {False: 1, True: transport.PACKED_AHEAD}
+
+
 @pytest.mark.parametrize("cut", [8, 20, -5], ids=["no-length", "odd-frame-cut", "even-frame-cut"])
 def test_a_damaged_packed_item_is_a_clear_error(cut):
     packed = transport.pack(transport.serialize({"w": torch.randn(4096).bfloat16()}))
