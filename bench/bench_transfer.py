@@ -9,9 +9,11 @@ NVFlare settings to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE)
 by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the
 default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk);
 `--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
-the job sends), `--layout mats` only the embedding and 25 MB matrices.
+the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values randn --compress_weights` sends
+random weights (as Hugging Face initializes them) packed both ways (`transport.pack`), `--values randn` alone the same
+weights plain.
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--layout 2b|mats] [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class StateDictOnly(torch.nn.Module):
     """A bf16 state dict of `gb` GB: the first tensors of Qwen3-VL-2B's (SHAPES), or the 622 MB embedding and 25 MB
     matrices."""
 
-    def __init__(self, gb: float):
+    def __init__(self, gb: float, values: str = "zeros"):
         super().__init__()
         if SHAPES is not None:
             shapes, total = [], 0
@@ -61,14 +63,18 @@ class StateDictOnly(torch.nn.Module):
             shapes = [(151936, 2048)]
             shapes += [(6144, 2048)] * max(0, round((gb * 1e9 - 151936 * 2048 * 2) / (6144 * 2048 * 2)))
         self.tensors = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes)
+        if values == "randn":  # as Hugging Face initializes Qwen3-VL's weights: what --compress_weights packs
+            for p in self.tensors:
+                torch.nn.init.normal_(p, std=0.02)
 
 
 class PartsPersistor(PTFileModelPersistor):
     """NVFlare's persistor of StateDictOnly, sending the state dict with large tensors in row parts."""
 
-    def __init__(self, gb: float, part_bytes: int):
-        super().__init__(model={"path": "state_model.StateDictOnly", "args": {"gb": gb}}, allow_numpy_conversion=False)
-        self.gb, self.part_bytes = gb, part_bytes  # NVFlare writes the config from these attributes
+    def __init__(self, gb: float, part_bytes: int, values: str = "zeros"):
+        super().__init__(model={"path": "state_model.StateDictOnly", "args": {"gb": gb, "values": values}},
+                         allow_numpy_conversion=False)
+        self.gb, self.part_bytes, self.values = gb, part_bytes, values  # NVFlare writes the config from these
 
     def load_model(self, fl_ctx):
         learnable = super().load_model(fl_ctx)
@@ -89,20 +95,23 @@ import transport
 from model import materialize
 
 part_bytes, to_disk = int(sys.argv[1]), sys.argv[2] == "disk"
+randn, packed = sys.argv[3] == "randn", sys.argv[4] == "packed"
 if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors into files, read back one at a time
     from client import receive_to_disk
 
-    print(f"[transfer] receive to disk: {receive_to_disk(Path(tempfile.mkdtemp(prefix='received_', dir='.')))}")
+    folder = Path(tempfile.mkdtemp(prefix='received_', dir='.'))
+    print(f"[transfer] receive to disk: {receive_to_disk(folder, packed)}")
 else:  # into memory, sending in grouped items as job.py's sites do
     from nvflare.fuel.utils import fobs
 
-    fobs.register(transport.GroupedTensorDecomposer())
+    fobs.register(transport.GroupedTensorDecomposer(packed))
 flare.init()
 while flare.is_running():
     received = flare.receive()
     if received is None:
         break
-    params = {k: materialize(v) + 1 for k, v in received.params.items()}
+    # changed, with the values' spread kept (a sign flip) where they are random, so packing sees what it got
+    params = {k: -materialize(v) if randn else materialize(v) + 1 for k, v in received.params.items()}
     round_num, received = received.current_round, None
     gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
     ready = time.time()
@@ -230,8 +239,20 @@ def main() -> None:
         help="2b: the first tensors of Qwen3-VL-2B's state dict (all 625 at 4.26 GB: 331 of 2 MiB and more, 322 "
         "smaller, with row parts); mats: the embedding and 25 MB matrices only",
     )
+    parser.add_argument(
+        "--values",
+        choices=("zeros", "randn"),
+        default="zeros",
+        help="the state dict's values: zeros, or random as Hugging Face initializes the model (for packing)",
+    )
+    parser.add_argument(
+        "--compress_weights", action="store_true", help="send packed both ways (job.py's --compress_weights)"
+    )
     args = parser.parse_args()
+    if args.compress_weights and args.values == "zeros":
+        parser.error("--compress_weights needs --values randn: zeros pack to next to nothing")
 
+    sent_as = "packed" if args.compress_weights else "plain"
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
     shapes = qwen3vl_2b_shapes() if args.layout == "2b" else None
     server_model = textwrap.dedent(SERVER_MODEL).replace("SHAPES = None", f"SHAPES = {shapes!r}")
@@ -247,13 +268,14 @@ from fl_server import SampleWeightedFedAvg
 from state_model import PartsPersistor
 
 part_bytes = {int(args.part_mb * 2**20)}
-recipe = FedAvgRecipe(name="transfer", model={{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}}}}},
-    model_persistor=PartsPersistor({args.gb}, part_bytes) if part_bytes else None,
-    train_args=f"{{part_bytes}} {args.receive}",
+model = {{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}, "values": {args.values!r}}}}}
+recipe = FedAvgRecipe(name="transfer", model=model,
+    model_persistor=PartsPersistor({args.gb}, part_bytes, {args.values!r}) if part_bytes else None,
+    train_args=f"{{part_bytes}} {args.receive} {args.values} {sent_as}",
     min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "transfer_client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
-    aggregator=SampleWeightedFedAvg(), enable_tensor_disk_offload=True, server_memory_gc_rounds=1,
-    client_memory_gc_rounds=1)
+    aggregator=SampleWeightedFedAvg(compress_weights={args.compress_weights}), enable_tensor_disk_offload=True,
+    server_memory_gc_rounds=1, client_memory_gc_rounds=1)
 for f in ("fl_server.py", "model.py", "host_memory.py", "transport.py"):
     recipe.add_server_file({str(ROOT)!r} + "/" + f)
 for f in ("model.py", "transport.py", "client.py", "host_memory.py"):
@@ -282,6 +304,7 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
     for line in lines:
         print(line[line.index("[transfer]") :])
     print(json.dumps({"env": args.env, "layout": args.layout, "part_mb": args.part_mb, "receive": args.receive,
+                      "values": args.values, "compress_weights": args.compress_weights,
                       "gb": args.gb,
                       "clients": args.clients,
                       "rounds": args.rounds,
