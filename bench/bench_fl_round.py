@@ -6,8 +6,10 @@ overhead of exchanging and aggregating the 4.26 GB state dict), and the peak RSS
 net of what training needs: N times the peak RSS of one site's trainer training a round alone (no NVFlare, no
 exchange), measured first. Once a second the RSS of every process over 1 GiB, and the machine's dirty page cache
 (written, not yet on disk), go to WORKDIR/rss_timeline.json.
+`--probe` also times every download request of the exchange (bench/request_probe): per process and transfer, the
+requests, their mean round trip and the producer's handler time.
 Usage: python bench/bench_fl_round.py [--rounds 3] [--clients 3] [--workdir DIR] [--env NVFLARE_X=1 ...]
-    [--site_args="--checkpoint every"] [--solo_only]
+    [--site_args="--checkpoint every"] [--solo_only] [--probe]
 """
 
 from __future__ import annotations
@@ -89,6 +91,60 @@ def env_overrides(assignments: list[str]) -> dict[str, str]:
     return {name: value for name, _, value in pairs}
 
 
+PROBE = ROOT / "bench" / "request_probe"  # its sitecustomize.py times NVFlare's download requests (--probe)
+
+
+def probe_env(probe_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    """What to add to the run's environment for the request probe to log into `probe_dir` (emptied first)."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    for old in probe_dir.glob("*.txt"):
+        old.unlink()
+    path = os.pathsep.join(p for p in (str(PROBE), env.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "PROBE_DIR": str(probe_dir)}
+
+
+def _runs(events: list[tuple[float, float]], gap: float) -> list[list[tuple[float, float]]]:
+    """(start, seconds) events in time order, cut where `gap` seconds pass without one: one run per transfer."""
+    runs: list[list[tuple[float, float]]] = []
+    for event in sorted(events):
+        if not runs or event[0] - runs[-1][-1][0] > gap:
+            runs.append([])
+        runs[-1].append(event)
+    return runs
+
+
+def request_summary(probe_dir: Path, gap: float = 5.0) -> list[dict]:
+    """Per process that made or served download requests, per transfer (a run of requests with no `gap` between):
+    as requester, the requests, their span in seconds and their mean round trip; as producer, the requests served,
+    the handler's mean and the requests' mean transit, in ms."""
+    rows = []
+    for path in sorted(probe_dir.glob("*.txt")):
+        lines = [line.split(maxsplit=4) for line in path.read_text().splitlines()]
+        name = next((fields[4] for fields in lines if fields[0] == "argv" and len(fields) > 4), path.stem)
+        events: dict[str, list[tuple[float, float]]] = {}
+        for fields in lines:
+            if fields[0] != "argv":
+                events.setdefault(fields[0], []).append((float(fields[2]), float(fields[3])))
+
+        def mean_ms(run):
+            return round(1000 * sum(seconds for _, seconds in run) / len(run), 1)
+
+        asked = [
+            dict(requests=len(run), seconds=round(run[-1][0] + run[-1][1] - run[0][0], 1), round_trip_ms=mean_ms(run))
+            for run in _runs(events.get("rtt", []), gap)
+        ]
+        served = []
+        for run in _runs(events.get("handle", []), gap):
+            # a request's transit is logged from its sending, just before its handling starts
+            transit = [e for e in events.get("transit", []) if run[0][0] - gap < e[0] <= run[-1][0]]
+            served.append(
+                dict(requests=len(run), handler_ms=mean_ms(run), transit_ms=mean_ms(transit) if transit else None)
+            )
+        if asked or served:
+            rows.append(dict(process=name[:60], pid=int(path.stem), asked=asked, served=served))
+    return rows
+
+
 def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[dict]:
     """Per round after the first: wall between the last aggregations, slowest site's training, and the difference."""
     pattern = re.compile(rf"^(\S+ \S+) - FedAvg .* Aggregated {clients}/{clients} results")
@@ -143,6 +199,7 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
     ap.add_argument("--site_args", default="", help='more client.py flags, e.g. --site_args="--checkpoint every"')
     ap.add_argument("--solo_only", action="store_true", help="only measure one trainer training alone")
+    ap.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
     ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --part_mb 64")
     args = ap.parse_args()
     # What job.py gives the simulator's processes (host_memory.ENV where unset), and --env.
@@ -172,6 +229,8 @@ def main() -> None:
         f"--train_args={extra}", *gpu, *args.job_args,
     ]  # fmt: skip
     peak = {"rss": 0, "by_process": {}, "timeline": []}
+    if args.probe:
+        job_env = job_env | probe_env(work / "probe", job_env)
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env)
     watcher = threading.Thread(target=peak_tree_rss, args=(proc, peak), daemon=True)
@@ -189,6 +248,8 @@ def main() -> None:
                    peak_dirty_page_cache_gib=peak.get("dirty"), per_round=rows)  # fmt: skip
     top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
     summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
+    if args.probe:
+        summary["requests"] = request_summary(work / "probe")
     (work / "rss_timeline.json").write_text(json.dumps(peak["timeline"], indent=0))
     print(json.dumps(summary), flush=True)
 

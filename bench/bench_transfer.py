@@ -11,9 +11,9 @@ default) whole; `--receive disk` has the clients receive to disk as job.py's sit
 `--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
 the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values randn --compress_weights` sends
 random weights (as Hugging Face initializes them) packed both ways (`transport.pack`), `--values randn` alone the same
-weights plain.
+weights plain; `--probe` times every download request (bench/request_probe, as bench_fl_round.py's).
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--probe] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fl_round import env_overrides, peak_tree_rss  # noqa: E402
+from bench_fl_round import env_overrides, peak_tree_rss, probe_env, request_summary  # noqa: E402
 
 SERVER_MODEL = '''
 import torch
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--compress_weights", action="store_true", help="send packed both ways (job.py's --compress_weights)"
     )
+    parser.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
     args = parser.parse_args()
     if args.compress_weights and args.values == "zeros":
         parser.error("--compress_weights needs --values randn: zeros pack to next to nothing")
@@ -290,6 +291,8 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
 """
     (work / "job.py").write_text(job)
     env = os.environ | env_overrides(args.env)
+    if args.probe:
+        env |= probe_env(work / "probe", env)
     start = time.time()
     proc = subprocess.Popen([sys.executable, "job.py"], cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -315,7 +318,8 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
                       "receive_s": receives, "send_s": sends, "served_serialized": serializations(server_log),
                       "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
                       "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0],
-                      "cpu_s_per_gb": cpu_per_gb(transfer_phases(server_log), peak["cpu"], peak["by_process"])}),
+                      "cpu_s_per_gb": cpu_per_gb(transfer_phases(server_log), peak["cpu"], peak["by_process"]),
+                      "requests": request_summary(work / "probe") if args.probe else None}),
           flush=True)  # fmt: skip
     if proc.returncode:
         print(stdout[-3000:], stderr[-3000:])

@@ -1,6 +1,7 @@
 """The bench scripts' own parts: `--env` flags, and bench_transfer's transfer phases and CPU per GB from the log."""
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -81,3 +82,38 @@ def test_bench_transfer_refuses_to_pack_zeros():
         [sys.executable, str(script), "--compress_weights"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2 and "--compress_weights needs --values randn" in out.stderr
+
+
+def test_request_summary_splits_each_process_into_transfers(tmp_path):
+    from bench_fl_round import request_summary
+
+    lines = ["argv 7 0 0 custom/client.py --trainer builtin"]
+    lines += [f"rtt 7 {100 + 0.1 * i:.6f} 0.100000" for i in range(10)]  # one download: 10 requests in 1 s
+    lines += [f"rtt 7 {200 + 0.1 * i:.6f} 0.070000" for i in range(4)]  # the next round's
+    lines += [f"transit 7 {150 + i:.6f} 0.003000" for i in range(3)] + [
+        f"handle 7 {150.003 + i:.6f} 0.001000" for i in range(3)
+    ]
+    (tmp_path / "7.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "8.txt").write_text("argv 8 0 0 idle\n")  # made and served no request
+    assert request_summary(tmp_path) == [
+        dict(process="custom/client.py --trainer builtin", pid=7,
+             asked=[dict(requests=10, seconds=1.0, round_trip_ms=100.0),
+                    dict(requests=4, seconds=0.4, round_trip_ms=70.0)],
+             served=[dict(requests=3, handler_ms=1.0, transit_ms=3.0)])
+    ]  # fmt: skip
+
+
+def test_the_request_probe_times_nvflares_requests_once_imported(tmp_path):
+    """The probe patches NVFlare's cell and download service on import, in any process that has it on its path."""
+    import subprocess
+
+    from bench_fl_round import probe_env
+
+    script = (
+        "from nvflare.fuel.f3.cellnet.cell import Cell\n"
+        "from nvflare.fuel.f3.streaming import download_service as s\n"
+        "print(Cell._send_request.__name__, s.DownloadService._handle_download.__func__.__name__)\n"
+    )
+    env = os.environ | probe_env(tmp_path / "probe", dict(os.environ))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["timed_send", "timed_handle"], out.stderr[-2000:]
