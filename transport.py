@@ -19,8 +19,9 @@ The server serializes each item it sends once for all sites (`SerializedOnce`): 
 of the global model a transaction of its own, and each transaction serializes every tensor again, 4.26 GB of copies
 per site in the server's one process.
 
-With `pack` on, each item travels compressed (`pack`, `unpack`: lossless, about two thirds of the bytes for bf16
-weights): a bf16 number's sign and exponent sit in its second byte, which takes 3 of its 8 bits compressed, while
+With packing on (job.py's `--compress_weights`), each item travels compressed (`pack`, `unpack`: lossless, about two
+thirds of the bytes for bf16 weights): a bf16 number's sign and exponent sit in its second byte, which takes about 3
+of its 8 bits compressed, while
 its mantissa byte is close to random. The item's odd and even bytes are compressed as two zstd frames. A receiver
 recognizes a packed item by its prefix, so only the sender chooses.
 
