@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 import client
-from nvflare.app_opt.pt.decomposers import TensorDecomposer
+import transport
 from nvflare.client.config import ExchangeFormat
 from nvflare.client.decomposers import register_framework_decomposers
 from nvflare.fuel.utils import fobs
@@ -24,7 +24,7 @@ handler = fobs.get_dot_handler(dots.TENSOR_DOWNLOAD)
 print("still ours", isinstance(handler, client.DiskTensorDecomposer))
 
 calls = []
-TensorDecomposer._download = staticmethod(lambda **kw: calls.append(kw))  # records where the download would go
+transport.GroupedTensorDecomposer._download = lambda self, **kw: calls.append(kw)  # where the download would go
 cell = SimpleNamespace(get_fobs_context=lambda: {})  # a cell whose own context says nothing about offload
 handler.download("server", "ref", 10.0, cell=cell, fobs_ctx={FOBSContextKey.TENSOR_DISK_OFFLOAD: False})
 print("to disk", calls[0]["use_disk"], calls[0]["root_dir"] == str(folder), folder.is_dir())
