@@ -21,9 +21,8 @@ per site in the server's one process.
 
 With packing on (job.py's `--compress_weights`), each item travels compressed (`pack`, `unpack`: lossless, about two
 thirds of the bytes for bf16 weights): a bf16 number's sign and exponent sit in its second byte, which takes about 3
-of its 8 bits compressed, while
-its mantissa byte is close to random. The item's odd and even bytes are compressed as two zstd frames. A receiver
-recognizes a packed item by its prefix, so only the sender chooses.
+of its 8 bits compressed, while its mantissa byte is close to random. The item's odd and even bytes are compressed as
+two zstd frames. A receiver recognizes a packed item by its prefix, so only the sender chooses.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -354,8 +353,8 @@ class GroupedTensorDownloadable(CacheableObject):
     def prefetch_item(self, index: int) -> None:
         """NVFlare's look-ahead asks for the item after the one it sends; packed items, `PACKED_AHEAD` items.
 
-        Packing an item takes about half as long as its transfer (H200, session 11: the producers' handler waited
-        10-24 ms per request for packing with one item ahead), so packed items are prepared further ahead."""
+        With packed items one ahead, the producers' handlers waited 10-24 ms per request for the packing (H200,
+        BENCHMARKS.md session 11), so packed items are prepared further ahead."""
         if self.base_obj is None:
             return
         for ahead in range(index, min(index + (PACKED_AHEAD if self.packed else 1), len(self.groups))):
