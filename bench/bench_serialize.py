@@ -1,9 +1,10 @@
 """Benchmark: serializing one 24 MiB bf16 item, and how much of Python's interpreter that leaves to other threads.
 
 NVFlare moves tensors in many threads of one process; a copy that holds the GIL stalls all of them. For each way of
-serializing (safetensors' `save`, as NVFlare does, and `transport.serialize`), a second thread counts in a Python loop
-while the item is serialized over and over; its rate against an idle baseline is the share of the interpreter the
-serializing left free (1.0: none taken).
+serializing (safetensors' `save`, as NVFlare does, and `transport.serialize`), and for packing the item and unpacking
+it (`transport.pack`, `unpack`: `--compress_weights`), a second thread counts in a Python loop while the item is
+processed over and over; its rate against an idle baseline is the share of the interpreter that left free (1.0: none
+taken). The item holds random weights as Hugging Face initializes them (std 0.02); `packed_ratio`: its packed size.
 Usage: python bench/bench_serialize.py [--mb 24] [--repeat 40]
 """
 
@@ -53,16 +54,25 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=24, help="item size in MiB")
     ap.add_argument("--repeat", type=int, default=40)
     args = ap.parse_args()
-    item = {"T0": torch.randn(int(args.mb * 2**20) // 2).to(torch.bfloat16)}
-    assert bytes(transport.serialize(item)) == save(item)
+    item = {"T0": (torch.randn(int(args.mb * 2**20) // 2) * 0.02).to(torch.bfloat16)}
+    blob = transport.serialize(item)
+    assert bytes(blob) == save(item)
+    packed = transport.pack(blob)
+    assert transport.unpack(packed) == bytes(blob)
     idle, _ = counting_rate(None, 0)
     rows = {}
-    ways = {"safetensors.save": lambda: save(item), "transport.serialize": lambda: transport.serialize(item)}
+    ways = {
+        "safetensors.save": lambda: save(item),
+        "transport.serialize": lambda: transport.serialize(item),
+        "transport.pack": lambda: transport.pack(blob),
+        "transport.unpack": lambda: transport.unpack(packed),
+    }
     for name, fn in ways.items():
         rate, per_call = counting_rate(fn, args.repeat)
         rows[name] = {"ms_per_item": round(per_call * 1e3, 2), "MB_per_s": round(args.mb * 2**20 / per_call / 1e6),
                       "interpreter_left_free": round(rate / idle, 2)}  # fmt: skip
-    print(json.dumps({"mb": args.mb, "torch_threads": torch.get_num_threads(), **rows}))
+    print(json.dumps({"mb": args.mb, "torch_threads": torch.get_num_threads(),
+                      "packed_ratio": round(len(packed) / len(blob), 3), **rows}))  # fmt: skip
 
 
 if __name__ == "__main__":
