@@ -237,6 +237,11 @@ def unpack(item: bytes | memoryview) -> bytes | memoryview:
     return out.tobytes()  # NVFlare's receivers take bytes
 
 
+def encode(item: dict[str, torch.Tensor], packed: bool) -> bytes | memoryview:
+    """The bytes `item` travels as: serialized, and packed when `packed`."""
+    return pack(serialize(item)) if packed else serialize(item)
+
+
 def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
     """The keys of `tensors` in order, cut into runs of at most the largest tensor's size (at most `cap`) in bytes;
     a tensor larger than that is a run of its own."""
@@ -283,7 +288,7 @@ class SerializedOnce:
         if not mine:
             return entry.result()
         try:
-            data = pack(serialize(item)) if packed else serialize(item)
+            data = encode(item, packed)
         except BaseException as e:
             with self.lock:
                 self.entries.pop(key, None)
@@ -344,7 +349,7 @@ class GroupedTensorDownloadable(CacheableObject):
         item = {key: tensors[key] for key in self.groups[index]}
         if self.shared is not None:
             return self.shared.get(item, ahead, self.packed)
-        return pack(serialize(item)) if self.packed else serialize(item)
+        return encode(item, self.packed)
 
     def produce_item(self, index: int) -> bytes | memoryview:
         with self._ahead_lock:
