@@ -36,7 +36,7 @@ import json
 import struct
 import tempfile
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,8 @@ _ROWS = "#rows="
 # would be over 2**63 bytes, so no unpacked item starts with them.
 PACKED = b"FLzstd1\xff"
 PACKED_AHEAD = 3  # packed items a download prepares ahead of the one it sends (GroupedTensorDownloadable)
+UNPACK_AHEAD = 3  # packed items a download unpacks while it receives more (Unpacking)
+UNPACKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unpack")  # shared by a process's downloads
 # zstd's fastest match search, over a small window: the bytes are numbers, not text, so longer searches find next
 # to nothing; the compression comes from coding the exponent bytes' skewed values.
 _ZSTD = zstandard.ZstdCompressionParameters(
@@ -214,11 +216,15 @@ def pack(blob: bytes | memoryview) -> bytes | memoryview:
     return b"".join((PACKED, struct.pack("<Q", len(odd)), odd, even))
 
 
+def is_packed(item: bytes | memoryview) -> bool:
+    return memoryview(item)[: len(PACKED)] == PACKED
+
+
 def unpack(item: bytes | memoryview) -> bytes | memoryview:
     """The blob `pack` made `item` from; any other item as it is."""
-    view = memoryview(item)
-    if view[: len(PACKED)] != PACKED:
+    if not is_packed(item):
         return item
+    view = memoryview(item)
     if len(view) < 16:
         raise ValueError(f"a packed item of {len(view)} bytes is cut short")
     (odd_size,) = struct.unpack_from("<Q", view, 8)
@@ -380,25 +386,42 @@ class GroupedTensorDownloadable(CacheableObject):
 
 
 class Unpacking(Consumer):
-    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in the download's own thread.
+    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in order, in the download's thread.
 
-    NVFlare's download asks for the next reply before a consumer that keeps the state as it is has consumed this
-    one, so the unpacking overlaps the next reply's transfer."""
+    NVFlare's download asks for the next reply while this one is consumed, but never for two: with the consumer
+    slower than a reply, the consumer sets the pace. Packed items are unpacked on `UNPACKERS` threads (zstd and
+    numpy leave Python's interpreter free) and handed over once `UNPACK_AHEAD` more have arrived, or at the end,
+    so the download keeps asking while they unpack. Plain items go straight through when none is waiting."""
 
     supports_pipelining = True
 
     def __init__(self, inner: ItemConsumer):
         super().__init__()
         self.inner = inner
+        self.waiting: collections.deque[tuple[dict, Future]] = collections.deque()
 
     def consume(self, ref_id: str, state: dict, data: Any) -> dict:
-        self.inner.consume(ref_id, state, [unpack(item) for item in data])
+        if not self.waiting and not any(is_packed(item) for item in data):
+            self.inner.consume(ref_id, state, data)
+            return state
+        self.waiting.append((state, UNPACKERS.submit(lambda: [unpack(item) for item in data])))
+        while len(self.waiting) > UNPACK_AHEAD:
+            self._hand_over_first(ref_id)
         return state
 
+    def _hand_over_first(self, ref_id: str) -> None:
+        state, unpacked = self.waiting.popleft()
+        self.inner.consume(ref_id, state, unpacked.result())
+
     def download_completed(self, ref_id: str) -> None:
+        while self.waiting:
+            self._hand_over_first(ref_id)
         self.inner.download_completed(ref_id)
 
     def download_failed(self, ref_id: str, reason: str) -> None:
+        for _, unpacked in self.waiting:
+            unpacked.cancel()
+        self.waiting.clear()
         self.inner.download_failed(ref_id, reason)
 
 

@@ -259,11 +259,42 @@ def test_nvflares_receivers_read_a_grouped_item_as_its_tensors(tmp_path, to_disk
     for index, item in enumerate(items):
         state_sent = {"start": index, "count": 1}
         assert consumer.consume("ref", state_sent, [item]) is state_sent  # unchanged: NVFlare pipelines requests
+    consumer.download_completed("ref")
+    assert not consumer.waiting
     result = inner.result
     if to_disk:
         assert len(list(tmp_path.iterdir())) == len(items)  # one file per item, not per tensor
         result = {k: load_file(path)[key] for k, (path, key) in result.items()}
     assert result.keys() == ids.keys() and all(result[k].equal(v) for k, v in ids.items())
+
+
+def test_unpacking_hands_items_over_in_order_while_more_arrive():
+    """Packed items wait while they unpack (up to UNPACK_AHEAD of them), then reach the inner consumer in the order
+    they came; a damaged one fails the download when its turn comes, and a failed download drops what waits."""
+    from nvflare.fuel.f3.streaming.cacheable import ItemConsumer
+
+    class Received(ItemConsumer):
+        def consume_items(self, items, result):
+            return (result or []) + items
+
+    blobs = [bytes([i]) * 2**16 for i in range(8)]
+    inner = Received()
+    consumer = transport.Unpacking(inner)
+    for index, blob in enumerate(blobs):
+        consumer.consume("ref", {"start": index, "count": 1}, [transport.pack(blob)])
+        assert len(inner.result or []) == max(0, index + 1 - transport.UNPACK_AHEAD)
+    consumer.download_completed("ref")
+    assert inner.result == blobs
+
+    consumer = transport.Unpacking(Received())
+    consumer.consume("ref", {"start": 0, "count": 1}, [transport.pack(blobs[0])[:-9]])
+    with pytest.raises(ValueError, match="does not decompress"):
+        consumer.download_completed("ref")
+    inner = Received()
+    consumer = transport.Unpacking(inner)
+    consumer.consume("ref", {"start": 0, "count": 1}, [transport.pack(blobs[0])])
+    consumer.download_failed("ref", "the producer went away")
+    assert not consumer.waiting and inner.error == "the producer went away" and inner.result is None
 
 
 def test_the_server_registers_the_shared_serialization_before_nvflare_does(tmp_path):
