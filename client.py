@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument(
         "--compress_weights",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="send the weights compressed, lossless (about two thirds of the bytes for bf16)",
     )
     return parser.parse_known_args(argv)

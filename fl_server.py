@@ -108,7 +108,7 @@ def share_disk_offload_with_job_cell(engine) -> None:
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg in fp32, weighted by `metrics["samples"]`; failed sites (weight 0, `ERROR` meta) are ignored."""
 
-    def __init__(self, weight_key: str = "samples", compress_weights: bool = False):
+    def __init__(self, weight_key: str = "samples", compress_weights: bool = True):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB results
         if not transport.serialize_once_for_all_sites(packed=compress_weights):

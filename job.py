@@ -78,8 +78,9 @@ def define_parser() -> argparse.ArgumentParser:
         help="tensors larger than this many MiB travel as row parts of at most this size (0: whole tensors)",
     )  # fmt: skip
     p.add_argument(
-        "--compress_weights", action=argparse.BooleanOptionalAction, default=False,
-        help="send the weights both ways compressed, lossless (about two thirds of the bytes for bf16)",
+        "--compress_weights", action=argparse.BooleanOptionalAction, default=True,
+        help="send the weights both ways compressed, lossless: about two thirds of the bytes for bf16 "
+        "(--no-compress_weights: as they are)",
     )  # fmt: skip
     p.add_argument(
         "--task_request_interval", type=float, default=0.25,
