@@ -217,6 +217,7 @@ def pack(blob: bytes | memoryview) -> bytes | memoryview:
 
 
 def is_packed(item: bytes | memoryview) -> bool:
+    """Whether `item` was made by `pack` (its prefix)."""
     return memoryview(item)[: len(PACKED)] == PACKED
 
 
