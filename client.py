@@ -156,7 +156,7 @@ class DiskTensorDecomposer(transport.GroupedTensorDecomposer):
         return super().download(*args, fobs_ctx={**(fobs_ctx or {}), **offload}, **kwargs)
 
 
-def receive_to_disk(folder: Path, compress: bool = False) -> bool:
+def receive_to_disk(folder: Path, compress: bool = True) -> bool:
     """Have NVFlare write the global weights it receives into `folder` instead of host memory, from the first task on.
 
     The trainer then reads them back one tensor at a time as it copies them into its model, so the site never holds
