@@ -9,8 +9,10 @@ only the error in its meta, so the average ignores it; the site tries again next
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
 (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors larger than this
-travel in row parts, transport.py), `--compress_weights` (send the weights compressed, lossless: transport.pack);
-all others go to the trainer (`local_trainer.parse_train_args`).
+travel in row parts, transport.py), `--compress_weights` (send the weights compressed, lossless: transport.pack),
+`--delta_weights` (with it, keep the received global model on disk until the next one has arrived: the result goes
+as its change from it, and the next one comes as a change from it, transport.Reference); all others go to the
+trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         action=argparse.BooleanOptionalAction,
         default=True,
         help="send the weights compressed, lossless (about two thirds of the bytes for bf16)",
+    )
+    parser.add_argument(
+        "--delta_weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compress_weights: send and receive the weights as their change from the last global model",
     )
     return parser.parse_known_args(argv)
 
@@ -172,6 +180,17 @@ def receive_to_disk(folder: Path, compress: bool = True) -> bool:
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
 
 
+def keep_for_deltas(received: dict) -> dict | None:
+    """Keep the received global model (NVFlare's files on disk) as what this site's result is sent as a change
+    from, and the next global model is received as a change from (transport.Reference); the one kept before is let
+    go, and NVFlare deletes its files. None, and nothing kept, when the weights arrived in memory (holding them
+    would keep 4.26 GB of host memory for the 2B model)."""
+    held = dict(received) if received and all(map(is_lazy, received.values())) else None
+    reference = None if held is None else transport.Reference(held)
+    transport.set_references(send=reference, receive=reference)
+    return held
+
+
 def _exit_on_sigterm(*_) -> None:
     print(f"rank {RANK}: SIGTERM, exiting", flush=True)
     os._exit(0)
@@ -199,9 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     # would keep a normal interpreter exit waiting until the SIGKILL.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    trainer = None
+    trainer, held = None, None
+    keep_global = RANK == 0 and on_disk and args.compress_weights and args.delta_weights
     while True:
-        global_model = flare.receive() if RANK == 0 else None
+        global_model = flare.receive() if RANK == 0 else None  # a delta from `held` where the server sent one
+        if keep_global and global_model is not None:
+            held = keep_for_deltas(global_model.params)
         round_num, total_rounds = broadcast(
             (None, None) if global_model is None else (global_model.current_round, global_model.total_rounds)
         )
@@ -244,8 +266,15 @@ def main(argv: list[str] | None = None) -> None:
                     params_type=ParamsType.FULL,
                     params=transport.split(result.state_dict, int(args.part_mb * 2**20)),
                     metrics=metrics,
-                    meta={"NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
+                    meta={
+                        "NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)),
+                        "NUM_SAMPLES": metrics["samples"],
+                        transport.KEEPS_GLOBAL_MODEL: held is not None,
+                    },
                 )
+                if held is not None:  # sent as its change from the global model it was trained from
+                    reference = transport.Reference(held, sending=out.params)
+                    transport.set_references(send=reference, receive=transport.RECEIVE_REFERENCE)
                 print(f"site={site} round={round_num}: sent {len(out.params)} tensors, metrics {metrics}", flush=True)
                 for key in ("loss", "samples", "steps", "seconds"):
                     if key in metrics:
@@ -265,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         result = global_model = out = None
 
+    held = None  # the last global model's files go now
+    transport.set_references(send=None, receive=None)
     if WORLD_SIZE > 1 and dist.is_initialized():
         dist.destroy_process_group()
 

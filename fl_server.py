@@ -9,7 +9,11 @@ a whole result or an fp32 copy of the model in memory. The average is written in
 replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
 (transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a background thread.
 The aggregator also has the sites' downloads share each tensor's serialized bytes (`transport.SerializedOnce`),
-compressed with `compress_weights` (`transport.pack`), and drops those bytes once the results are in.
+compressed with `compress_weights` (`transport.pack`), and drops those bytes once the results are in. The sites'
+results may come as deltas against the global model they trained from, which is the server's current one
+(`transport.Reference`). With `delta_weights`, when every site of the job contributed this round and keeps the
+global model it received (`KEEPS_GLOBAL_MODEL` in its meta), the aggregator copies that model aside (one reused bf16
+copy) before it writes the average over it, and the next global model is sent as a delta against the copy.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start
@@ -108,13 +112,15 @@ def share_disk_offload_with_job_cell(engine) -> None:
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg in fp32, weighted by `metrics["samples"]`; failed sites (weight 0, `ERROR` meta) are ignored."""
 
-    def __init__(self, weight_key: str = "samples", compress_weights: bool = True):
+    def __init__(self, weight_key: str = "samples", compress_weights: bool = True, delta_weights: bool = True):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB results
         if not transport.serialize_once_for_all_sites(packed=compress_weights):
             self.logger.warning("another tensor decomposer was registered first: each site's download serializes")
         self.weight_key = weight_key
         self.compress_weights = compress_weights  # NVFlare's job config is written from the attributes
+        self.delta_weights = delta_weights
+        self._previous: dict[str, torch.Tensor] = {}  # last round's global model, which the sites hold (deltas)
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
         self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
@@ -135,6 +141,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
             weights = transport.join(learnable.get(ModelLearnableKey.WEIGHTS) or {})
             self._last_output = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+            self._set_references(send_deltas=False)
         elif event_type == EventType.END_RUN:
             self.wait_for_discard()
 
@@ -149,6 +156,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         error = meta.get("ERROR")
         record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
         record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds") if k in metrics})
+        record["keeps_global_model"] = bool(meta.get(transport.KEEPS_GLOBAL_MODEL))
         if error or not math.isfinite(weight) or weight <= 0 or not model.params:
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
@@ -187,6 +195,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self.info(f"the sites' downloads were served {served} tensor items from {made} serializations")
         if self._total <= 0:
             self.warning("no site contributed this round: the global model stays as it was")
+            self._set_references(send_deltas=False)
             # An empty DIFF leaves the controller's global model untouched.
             return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
         start = time.perf_counter()
@@ -195,6 +204,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         sources = {k: [result[k] for result, _ in on_disk] + ([self._sum[k]] if k in self._sum else []) for k in keys}
         self._check_shapes(sources)
         tensors, reused = {}, 0
+        send_deltas = self.compress_weights and self.delta_weights and self._every_site_keeps_the_global_model()
         for name, (shape, parts) in transport.layout({k: tuple(v[0].shape) for k, v in sources.items()}).items():
             dtype = self._dtypes.get(parts[0][0]) or sources[parts[0][0]][0].dtype
             out = self._last_output.get(name)
@@ -203,6 +213,8 @@ class SampleWeightedFedAvg(ModelAggregator):
                 out = torch.empty(shape, dtype=dtype)
             else:
                 reused += 1
+            if send_deltas and name in self._last_output:
+                self._keep_previous(name, self._last_output[name])
             for key, rows in parts:
                 self._average(key, on_disk, out if rows is None else out[rows])
             tensors[name] = out
@@ -215,17 +227,43 @@ class SampleWeightedFedAvg(ModelAggregator):
         files = len({v.path for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
         self._last_output = tensors
+        self._set_references(send_deltas, sending=params)
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
         self.info(
             f"averaged {contributing} site(s) over {self._total:g} samples in fp32 ({from_disk} read from disk in "
-            f"{files} files, {reused}/{len(tensors)} tensors written in place) in {time.perf_counter() - start:.1f} s"
+            f"{files} files, {reused}/{len(tensors)} tensors written in place) in {time.perf_counter() - start:.1f} s; "
+            f"the next global model goes {'as a delta' if send_deltas else 'whole'}"
         )
         result = FLModel(
             params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
         )
         self.reset_stats()
         return result
+
+    def _every_site_keeps_the_global_model(self) -> bool:
+        """Whether every site of the job contributed this round and keeps the global model it trained from: only
+        then can the next one go to all of them as a delta against it (a site that failed, or whose result NVFlare
+        dropped, may not hold it)."""
+        engine = self.fl_ctx.get_engine() if self.fl_ctx else None
+        sites = {client.name for client in engine.get_clients()} if engine else set()
+        keeping = {r["site"] for r in self._round_records if r["weight"] > 0 and r["keeps_global_model"]}
+        return bool(sites) and sites <= keeping
+
+    def _keep_previous(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy the global model's tensor aside before the average overwrites it, into last round's copy."""
+        kept = self._previous.get(name)
+        if kept is None or (kept.shape, kept.dtype) != (tensor.shape, tensor.dtype):
+            kept = self._previous[name] = torch.empty_like(tensor, device="cpu")
+        kept.copy_(tensor)
+
+    def _set_references(self, send_deltas: bool, sending: dict | None = None) -> None:
+        """The sites' results are rebuilt from the current global model; what the server sends next (`sending`) goes
+        as a delta against last round's (`_previous`) when `send_deltas`, else whole."""
+        send = transport.Reference(self._previous, sending) if send_deltas else None
+        transport.set_references(send=send, receive=transport.Reference(self._last_output))
+        if not send_deltas:
+            self._previous = {}
 
     def _discard(self, on_disk: list[tuple[dict, float]]) -> None:
         """Delete the averaged results' files in a background thread, not in the controller's.

@@ -83,6 +83,11 @@ def define_parser() -> argparse.ArgumentParser:
         "(--no-compress_weights: as they are)",
     )  # fmt: skip
     p.add_argument(
+        "--delta_weights", action=argparse.BooleanOptionalAction, default=True,
+        help="with --compress_weights, from round 1 on send each model as the change from the last global model, "
+        "which both ends hold (lossless; a tenth to a third of the bytes when fine-tuning); --no-delta_weights: whole",
+    )  # fmt: skip
+    p.add_argument(
         "--task_request_interval", type=float, default=0.25,
         help="seconds a site waits before asking the server for its next task again (NVFlare's default: 2)",
     )  # fmt: skip
@@ -160,6 +165,7 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
         "--trainer", args.trainer,
         "--part_mb", f"{args.part_mb:g}",
         "--compress_weights" if args.compress_weights else "--no-compress_weights",
+        "--delta_weights" if args.delta_weights else "--no-delta_weights",
         "--model_name_or_path", args.model_name_or_path,
         "--dataset_use", site_dir,
         "--image_root", site_path(args, args.image_root),
@@ -245,7 +251,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         model_persistor=QwenPersistor(
             args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
         ),
-        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights),
+        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights, delta_weights=args.delta_weights),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
         server_expected_format=ExchangeFormat.PYTORCH,  # NumPy has no bf16

@@ -24,6 +24,14 @@ thirds of the bytes for bf16 weights): a bf16 number's sign and exponent sit in 
 of its 8 bits compressed, while its mantissa byte is close to random. The item's odd and even bytes are compressed as
 two zstd frames. A receiver recognizes a packed item by its prefix, so only the sender chooses.
 
+Where both ends hold the same earlier weights (the global model a site received, which the server still holds when
+the site's result comes back; the previous global model, which the sites kept, when the server sends the next one),
+packed items travel as deltas against them (`Reference`, `set_references`): each number's bits minus the earlier
+number's, zigzag-coded, so that a weight that moved by a few steps of its last bit becomes a small number and one
+that did not move a zero. Fine-tuning moves most bf16 weights by less than half a step of their last bit in a round,
+so most of the delta is zeros. A delta item carries its safetensors header as it is and a checksum of the bytes it
+stands for: a receiver holding other weights than the sender's refuses it instead of rebuilding wrong ones.
+
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
 copies its pieces into a tensor one by one (a site loading the received weights) or materializes them.
@@ -60,6 +68,7 @@ _ROWS = "#rows="
 # A packed item's first 8 bytes. Read as a safetensors header's length (what an unpacked item starts with) they
 # would be over 2**63 bytes, so no unpacked item starts with them.
 PACKED = b"FLzstd1\xff"
+DELTA = b"FLzsdd1\xff"  # a delta item's first 8 bytes (`pack` with a reference), likewise no safetensors length
 PACKED_AHEAD = 3  # packed items a download prepares ahead of the one it sends (GroupedTensorDownloadable)
 UNPACK_AHEAD = 3  # packed items a download unpacks while it receives more (Unpacking)
 UNPACKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unpack")  # shared by a process's downloads
@@ -202,51 +211,211 @@ def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
     return memoryview(buffer.numpy())
 
 
-def pack(blob: bytes | memoryview) -> bytes | memoryview:
-    """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
-    frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free."""
-    if len(memoryview(blob).cast("B")) % 2:
-        return blob
-    words = np.frombuffer(blob, dtype="<u2")  # byte pairs, the odd byte high whatever this machine's byte order
-    odd, even = np.empty(words.size, np.uint8), np.empty(words.size, np.uint8)
-    np.right_shift(words, 8, out=odd, casting="unsafe")  # 4-5x faster than copying a strided view
-    np.copyto(even, words, casting="unsafe")  # the low byte
+def _planes(words: np.ndarray) -> tuple[bytes, bytes]:
+    """The high and the low bytes of 16-bit `words`, each compressed as one zstd frame."""
+    high, low = np.empty(words.size, np.uint8), np.empty(words.size, np.uint8)
+    np.right_shift(words, 8, out=high, casting="unsafe")  # 4-5x faster than copying a strided view
+    np.copyto(low, words, casting="unsafe")
     compressor = zstandard.ZstdCompressor(compression_params=_ZSTD)  # one per call: not shared across threads
-    odd, even = compressor.compress(odd), compressor.compress(even)
-    return b"".join((PACKED, struct.pack("<Q", len(odd)), odd, even))
+    return compressor.compress(high), compressor.compress(low)
+
+
+def _words(high: bytes, low: bytes, what: str) -> np.ndarray:
+    """The 16-bit words `_planes` compressed, from its two frames."""
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        high, low = decompressor.decompress(high), decompressor.decompress(low)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"{what} does not decompress: {e}") from e
+    if len(high) != len(low):
+        raise ValueError(f"{what}'s byte planes differ in size ({len(high)} and {len(low)} bytes)")
+    out = np.empty(len(high), dtype="<u2")
+    pairs = out.view(np.uint8).reshape(-1, 2)
+    pairs[:, 1] = np.frombuffer(high, dtype=np.uint8)
+    pairs[:, 0] = np.frombuffer(low, dtype=np.uint8)
+    return out
+
+
+def _checksum(words: np.ndarray) -> int:
+    return int(np.sum(words, dtype=np.uint64))
+
+
+def _header_size(blob: bytes | memoryview) -> int:
+    """The size of a safetensors blob's length and header, where its tensors' bytes start."""
+    return 8 + struct.unpack_from("<Q", blob)[0]
+
+
+def pack(
+    blob: bytes | memoryview, reference: bytes | memoryview | None = None, names: list[str] | None = None
+) -> bytes | memoryview:
+    """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
+    frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free.
+
+    `reference`: the serialized item the receiver holds too (the same tensors' earlier values, under the same item
+    names), `names`: its tensors' names in the state dict, where the receiver looks them up. The item then travels
+    as a delta: `DELTA`; the header's size, a checksum of `blob`'s tensor bytes, the first frame's length and the
+    names' length; the names (JSON), `blob`'s safetensors header, then the zigzag-coded difference of each 16-bit
+    word from the reference's, as two frames (its high and low bytes). With a reference of another header, as
+    without one."""
+    view = memoryview(blob).cast("B")
+    if len(view) % 2:
+        return blob
+    if reference is not None and names is not None:
+        start, ref = _header_size(view), memoryview(reference).cast("B")
+        if len(ref) == len(view) and start % 2 == 0 and ref[:start] == view[:start]:
+            new, old = np.frombuffer(view[start:], "<i2"), np.frombuffer(ref[start:], "<i2")
+            delta = np.subtract(new, old)  # wraps around: int16 arithmetic
+            zigzag = np.left_shift(delta, 1)
+            np.bitwise_xor(zigzag, np.right_shift(delta, 15, out=delta), out=zigzag)  # -1 -> 1, 1 -> 2, 0 -> 0
+            high, low = _planes(zigzag.view("<u2"))
+            named = json.dumps(names).encode()
+            sizes = struct.pack("<QQQQ", start, _checksum(new.view("<u2")), len(high), len(named))
+            return b"".join((DELTA, sizes, named, view[:start], high, low))
+    high, low = _planes(np.frombuffer(view, dtype="<u2"))  # byte pairs: the odd byte high on any machine
+    return b"".join((PACKED, struct.pack("<Q", len(high)), high, low))
 
 
 def is_packed(item: bytes | memoryview) -> bool:
-    """Whether `item` was made by `pack` (its prefix)."""
-    return memoryview(item)[: len(PACKED)] == PACKED
+    """Whether `item` was made by `pack` (its prefix), as a delta or not."""
+    return memoryview(item)[: len(PACKED)] in (PACKED, DELTA)
 
 
-def unpack(item: bytes | memoryview) -> bytes | memoryview:
-    """The blob `pack` made `item` from; any other item as it is."""
+_DELTA_SIZES = len(DELTA) + 32
+
+
+def _delta_parts(view: memoryview) -> tuple[list[str], dict, memoryview, int, int, int]:
+    """A delta item's tensor names, its safetensors header (parsed, and as bytes), checksum, where its frames start
+    and the first frame's size."""
+    if len(view) < _DELTA_SIZES:
+        raise ValueError(f"a delta item of {len(view)} bytes is cut short")
+    start, checksum, high_size, names_size = struct.unpack_from("<QQQQ", view, len(DELTA))
+    header = view[_DELTA_SIZES + names_size : _DELTA_SIZES + names_size + start]
+    if start < 8 or len(header) < start:
+        raise ValueError(f"a delta item of {len(view)} bytes is cut short")
+    try:
+        names = json.loads(bytes(view[_DELTA_SIZES : _DELTA_SIZES + names_size]))
+        parsed = json.loads(bytes(header[8:]))
+    except ValueError as e:
+        raise ValueError(f"a delta item's names or safetensors header do not read: {e}") from e
+    parsed.pop("__metadata__", None)
+    if len(names) != len(parsed):
+        raise ValueError(f"a delta item names {len(names)} tensors and holds {len(parsed)}")
+    return names, parsed, header, checksum, _DELTA_SIZES + names_size + start, high_size
+
+
+def delta_names(item: bytes | memoryview) -> list[str] | None:
+    """The state dict names of the tensors a delta item (`pack` with a reference) holds; None for any other item."""
+    view = memoryview(item)
+    return _delta_parts(view)[0] if view[: len(DELTA)] == DELTA else None
+
+
+def unpack(item: bytes | memoryview, reference: Reference | None = None) -> bytes | memoryview:
+    """The blob `pack` made `item` from; any other item as it is. A delta item is rebuilt from `reference` (the
+    weights it was made against), and refused when this process holds other weights or none."""
     if not is_packed(item):
         return item
     view = memoryview(item)
+    if view[: len(DELTA)] == DELTA:
+        return _undelta(view, reference)
     if len(view) < 16:
         raise ValueError(f"a packed item of {len(view)} bytes is cut short")
     (odd_size,) = struct.unpack_from("<Q", view, 8)
-    decompressor = zstandard.ZstdDecompressor()
-    try:
-        odd = decompressor.decompress(view[16 : 16 + odd_size])
-        even = decompressor.decompress(view[16 + odd_size :])
-    except zstandard.ZstdError as e:
-        raise ValueError(f"a packed item of {len(view)} bytes does not decompress: {e}") from e
-    if len(odd) != len(even):
-        raise ValueError(f"a packed item's byte planes differ in size ({len(odd)} and {len(even)} bytes)")
-    out = np.empty(2 * len(odd), dtype=np.uint8)
-    pairs = out.reshape(-1, 2)
-    pairs[:, 1] = np.frombuffer(odd, dtype=np.uint8)
-    pairs[:, 0] = np.frombuffer(even, dtype=np.uint8)
-    return out.tobytes()  # NVFlare's receivers take bytes
+    return _words(view[16 : 16 + odd_size], view[16 + odd_size :], "a packed item").tobytes()  # receivers take bytes
 
 
-def encode(item: dict[str, torch.Tensor], packed: bool) -> bytes | memoryview:
-    """The bytes `item` travels as: serialized, and packed when `packed`."""
-    return pack(serialize(item)) if packed else serialize(item)
+def _undelta(view: memoryview, reference: Reference | None) -> bytes:
+    names, parsed, header, checksum, body, high_size = _delta_parts(view)
+    shown = f"{names[:3]}{'...' if len(names) > 3 else ''}"
+    held = None if reference is None else reference.item(names)
+    if held is None:
+        raise ValueError(
+            f"a delta item of {shown} needs the weights it was made against (the last global model), and this "
+            "process holds none for it"
+        )
+    old = memoryview(serialize(dict(zip(parsed, held.values(), strict=True)))).cast("B")  # under the item's own names
+    start = len(header)
+    if old[:start] != header:
+        raise ValueError(f"a delta item of {shown}: the weights held here differ from it in shape or dtype")
+    zigzag = _words(view[body : body + high_size], view[body + high_size :], "a delta item")
+    if zigzag.size * 2 != len(old) - start:
+        raise ValueError(f"a delta item of {shown} holds {zigzag.size * 2} bytes, its tensors {len(old) - start}")
+    delta = np.right_shift(zigzag, 1).view("<i2")
+    np.bitwise_xor(delta, np.negative(np.bitwise_and(zigzag, 1).view("<i2")), out=delta)
+    new = np.add(np.frombuffer(old[start:], "<i2"), delta, out=delta)
+    if _checksum(new.view("<u2")) != checksum:
+        raise ValueError(
+            f"a delta item of {shown} was made against other weights than the ones this process holds "
+            "(its checksum does not match)"
+        )
+    return b"".join((header, new.view(np.uint8)))
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+class Reference:
+    """Weights this process and its peer both hold (name -> tensor or NVFlare's lazy reference to one): what delta
+    items are made against when sent and rebuilt from when received. A part's name (`split`) is found as itself or
+    as its rows of the tensor under its name. `sending`: the state dict about to be sent; NVFlare hands the
+    downloads its tensors in order under item names of its own (the server's as a copy), and `name_items` gives them
+    their names back. A wrong name costs compression, not correctness: both ends use the same held tensor, and the
+    checksum holds the result to the bytes sent."""
+
+    def __init__(self, tensors: dict[str, Any], sending: dict[str, Any] | None = None):
+        self.tensors, self.sending = tensors, sending
+
+    def name_items(self, items: dict[str, torch.Tensor]) -> dict[str, str]:
+        """The state dict name of each of a download's tensors (item name -> tensor, in the order sent): the keys
+        themselves without `sending`, else `sending`'s names in order where its tensors agree in shape and dtype."""
+        if self.sending is None:
+            return {key: key for key in items}
+        if len(items) != len(self.sending):
+            return {}
+        return {
+            key: name
+            for (key, tensor), (name, sent) in zip(items.items(), self.sending.items(), strict=True)
+            if isinstance(tensor, torch.Tensor)
+            and (tuple(tensor.shape), tensor.dtype) == (tuple(tensor_shape(sent)), getattr(sent, "dtype", None))
+        }
+
+    def item(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """The held tensors of `names`; None if one of them is not held."""
+        out = {}
+        for key in names:
+            value = self.tensors.get(key)
+            if value is None:
+                name, rows = parse(key)
+                whole = self.tensors.get(name) if rows is not None else None
+                if whole is None:
+                    return None
+                value = materialize(whole)[rows]
+            out[key] = materialize(value)
+        return out
+
+
+KEEPS_GLOBAL_MODEL = "KEEPS_GLOBAL_MODEL"  # a result's meta: its site holds the global model it trained from
+SEND_REFERENCE: Reference | None = None  # what this process's downloads make delta items against
+RECEIVE_REFERENCE: Reference | None = None  # what it rebuilds received delta items from
+
+
+def set_references(send: Reference | None, receive: Reference | None) -> None:
+    """The weights this process's peers hold too, for what it sends from now on, and for what it receives."""
+    global SEND_REFERENCE, RECEIVE_REFERENCE
+    SEND_REFERENCE, RECEIVE_REFERENCE = send, receive
+
+
+def encode(
+    item: dict[str, torch.Tensor], packed: bool, reference: Reference | None = None, names: list[str] | None = None
+) -> bytes | memoryview:
+    """The bytes `item` travels as: serialized, and packed when `packed`: as a delta where `reference` holds its
+    tensors under their state dict `names` (in the same shapes and dtypes)."""
+    if not packed:
+        return serialize(item)
+    held = None if reference is None or names is None else reference.item(names)
+    if held is None:
+        return pack(serialize(item))
+    return pack(serialize(item), serialize(dict(zip(item, held.values(), strict=True))), names)
 
 
 def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
@@ -279,10 +448,17 @@ class SerializedOnce:
         self.entries: collections.OrderedDict[tuple, tuple[list[torch.Tensor], Future]] = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, item: dict[str, torch.Tensor], ahead: bool = False, packed: bool = False) -> bytes | memoryview:
+    def get(
+        self,
+        item: dict[str, torch.Tensor],
+        ahead: bool = False,
+        packed: bool = False,
+        reference: Reference | None = None,
+        names: list[str] | None = None,
+    ) -> bytes | memoryview:
         """The item's bytes (its tensors under their names), serialized now or earlier; `ahead`: a look-ahead, not
-        counted as served; `packed`: compressed (`pack`)."""
-        key = (packed,) + tuple(
+        counted as served; `packed`: compressed (`pack`), against `reference` where it holds the tensors' `names`."""
+        key = (packed, id(reference)) + tuple(
             (name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version) for name, t in item.items()
         )
         with self.lock:
@@ -295,7 +471,7 @@ class SerializedOnce:
         if not mine:
             return entry.result()
         try:
-            data = encode(item, packed)
+            data = encode(item, packed, reference, names)
         except BaseException as e:
             with self.lock:
                 self.entries.pop(key, None)
@@ -326,7 +502,8 @@ class GroupedTensorDownloadable(CacheableObject):
     """NVFlare's download of a state dict (item name -> tensor) in items of several tensors each (`group_keys`).
 
     `shared`: serialize each item once for all the downloads that ask for it (the server's `SERIALIZED`); None: each
-    download serializes its own (a site, sending to the server alone). `packed`: send the items compressed (`pack`).
+    download serializes its own (a site, sending to the server alone). `packed`: send the items compressed (`pack`),
+    as deltas against `SEND_REFERENCE` as it was when the download was made (where it holds their tensors).
     Like NVFlare's own, it serializes the next item ahead (`prefetch_item`) while the current one travels.
     """
 
@@ -338,6 +515,8 @@ class GroupedTensorDownloadable(CacheableObject):
         packed: bool = False,
     ):
         self.groups, self.shared, self.packed = group_keys(tensors), shared, packed
+        self.reference = SEND_REFERENCE if packed else None
+        self.names = {} if self.reference is None else self.reference.name_items(tensors)
         self._ahead: dict[int, Future] = {}
         self._ahead_lock = threading.Lock()
         super().__init__(tensors, max_chunk_size)
@@ -354,9 +533,11 @@ class GroupedTensorDownloadable(CacheableObject):
         if tensors is None:
             raise RuntimeError(f"item {index} requested after the tensors were released")
         item = {key: tensors[key] for key in self.groups[index]}
+        names = [self.names.get(key) for key in item]
+        names = None if None in names else names
         if self.shared is not None:
-            return self.shared.get(item, ahead, self.packed)
-        return encode(item, self.packed)
+            return self.shared.get(item, ahead, self.packed, self.reference, names)
+        return encode(item, self.packed, self.reference, names)
 
     def produce_item(self, index: int) -> bytes | memoryview:
         with self._ahead_lock:
@@ -387,7 +568,8 @@ class GroupedTensorDownloadable(CacheableObject):
 
 
 class Unpacking(Consumer):
-    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in order, in the download's thread.
+    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`, delta items rebuilt from
+    `RECEIVE_REFERENCE`), in order, in the download's thread.
 
     NVFlare's download asks for the next reply while this one is consumed, but never for two: with the consumer
     slower than a reply, the consumer sets the pace. Packed items are unpacked on `UNPACKERS` threads (zstd and
@@ -405,7 +587,8 @@ class Unpacking(Consumer):
         if not self.waiting and not any(is_packed(item) for item in data):
             self.inner.consume(ref_id, state, data)
             return state
-        self.waiting.append((state, UNPACKERS.submit(lambda: [unpack(item) for item in data])))
+        reference = RECEIVE_REFERENCE
+        self.waiting.append((state, UNPACKERS.submit(lambda: [unpack(item, reference) for item in data])))
         while len(self.waiting) > UNPACK_AHEAD:
             self._hand_over_first(ref_id)
         return state

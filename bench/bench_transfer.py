@@ -13,7 +13,7 @@ the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values
 random weights (as Hugging Face initializes them) packed both ways (`transport.pack`), `--values randn` alone the same
 weights plain; `--probe` times every download request (bench/request_probe, as bench_fl_round.py's).
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--probe] [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--probe] [--keep_logs DIR] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -243,15 +243,15 @@ def main() -> None:
         "--values",
         choices=("zeros", "randn"),
         default="zeros",
-        help="the state dict's values: zeros, or random as Hugging Face initializes the model (for packing)",
+        help="the state dict's values: zeros, or random as Hugging Face initializes the model (for packing); zeros "
+        "with --compress_weights pack to next to nothing: the exchange's cost per request, without the bytes",
     )
     parser.add_argument(
         "--compress_weights", action="store_true", help="send packed both ways (job.py's --compress_weights)"
     )
     parser.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
+    parser.add_argument("--keep_logs", type=Path, help="copy the run's NVFlare logs (server, sites) into this folder")
     args = parser.parse_args()
-    if args.compress_weights and args.values == "zeros":
-        parser.error("--compress_weights needs --values randn: zeros pack to next to nothing")
 
     sent_as = "packed" if args.compress_weights else "plain"
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
@@ -323,6 +323,10 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
           flush=True)  # fmt: skip
     if proc.returncode:
         print(stdout[-3000:], stderr[-3000:])
+    if args.keep_logs:
+        for log in (work / "ws" / "transfer").glob("*/log.txt"):
+            (args.keep_logs / log.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, args.keep_logs / log.parent.name / "log.txt")
     shutil.rmtree(work, ignore_errors=True)  # the run's workspace holds the offloaded state dicts (GBs)
 
 

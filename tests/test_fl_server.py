@@ -201,3 +201,52 @@ def test_the_first_average_is_written_into_the_initial_global_model(tmp_path):
     assert result["a"].data_ptr() == initial["a#rows=0:2"].data_ptr() and result["b"] is initial["b"]
     for key, value in expected_average(sites).items():
         torch.testing.assert_close(result[key].float(), value.float(), rtol=2**-8, atol=1e-6)
+
+
+class Sites:
+    """The server engine's one call the aggregator makes to learn the job's sites."""
+
+    def __init__(self, *names: str):
+        self.clients = [type("Client", (), {"name": n})() for n in names]
+
+    def get_clients(self):
+        return self.clients
+
+
+def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_last_one(tmp_path):
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import ReservedKey
+
+    initial = random_params(7)
+    before = {k: v.clone() for k, v in initial.items()}
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, Sites("site-0", "site-1"), private=True, sticky=False)
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
+    aggregator = SampleWeightedFedAvg()
+    aggregator.handle_event(EventType.START_RUN, fl_ctx)
+    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
+    assert transport.SEND_REFERENCE is None  # round 0 goes whole: no site holds anything yet
+    assert transport.RECEIVE_REFERENCE.tensors["a"] is initial["a"]  # results are rebuilt from the model sent
+
+    def round_of(seed: int, keeps: dict[str, bool], aggregator=aggregator) -> dict:
+        for i, (site, kept) in enumerate(keeps.items()):
+            result = site_result(random_params(seed + i), 1.0, site)
+            result.meta[transport.KEEPS_GLOBAL_MODEL] = kept
+            aggregator.accept_model(result)
+        return aggregator.aggregate_model().params
+
+    new = round_of(1, {"site-0": True, "site-1": True})
+    assert new["a"] is initial["a"]  # written in place, the copy aside is the model the sites hold
+    assert all(transport.SEND_REFERENCE.tensors[k].equal(before[k]) for k in before)
+    assert transport.RECEIVE_REFERENCE.tensors["a"] is new["a"]
+    assert transport.SEND_REFERENCE.item(["a"])["a"].data_ptr() != new["a"].data_ptr()
+    round_of(3, {"site-0": True, "site-1": False})  # one site does not keep it: the next one goes whole
+    assert transport.SEND_REFERENCE is None
+    round_of(5, {"site-0": True})  # a site NVFlare dropped (no result) may not hold it either
+    assert transport.SEND_REFERENCE is None
+    round_of(7, {"site-0": True, "site-1": True})
+    assert transport.SEND_REFERENCE is not None
+    whole = SampleWeightedFedAvg(delta_weights=False)  # job.py's --no-delta_weights
+    whole.handle_event(EventType.START_RUN, fl_ctx)
+    round_of(9, {"site-0": True, "site-1": True}, whole)
+    assert transport.SEND_REFERENCE is None

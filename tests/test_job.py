@@ -48,6 +48,11 @@ def run_job(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return proc
 
 
+def downloaded_bytes(log: str) -> list[int]:
+    """Each download NVFlare logged, in bytes: the sites' results in the server's log, the global model in a site's."""
+    return [int(n.replace(",", "")) for n in re.findall(r"download ref=\S+ done: .*\(([\d,]+) bytes\)", log)]
+
+
 def demo_train_args() -> str:
     from job import DEMO_TRAIN_ARGS
 
@@ -249,6 +254,35 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(tmp_path / JOB_NAME) / "site_metrics.json").read_text())
     assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
+
+
+@pytest.mark.slow
+def test_deltas_both_ways_give_back_every_bit(tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision):
+    """Every site contributes, so from round 1 on the global model goes as a delta against the last one (which the
+    sites kept), and the results always come as deltas against what the sites trained from (--delta_weights, the
+    default). With a learning rate of 0 the deltas are all zeros: next to no bytes, and the weights stay bit for bit."""
+    proc = run_job(
+        "--n_clients", "2", "--num_rounds", "2", "--max_steps", "1",
+        "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "0",
+        "--workspace", str(tmp_path), "--master_port", str(free_port_base(2)), f"--train_args={demo_train_args()}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ws = tmp_path / JOB_NAME
+    from model import Qwen3VLModel
+
+    initial, final = Qwen3VLModel(str(tiny_model_dir)).state_dict(), global_weights(ws)
+    assert initial.keys() == final.keys() and all(torch.equal(initial[k], final[k]) for k in initial)
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert server_log.count("the next global model goes as a delta") == 2
+    raw = sum(v.numel() * v.element_size() for v in final.values())
+    results = downloaded_bytes(server_log)
+    assert len(results) == 4 and all(n < 0.05 * raw for n in results), (results, raw)  # every round, each site
+    for site in SITE_SIZES:
+        site_log = (ws / site / "log.txt").read_text()
+        received = downloaded_bytes(site_log)
+        assert len(received) == 2 and received[0] > 0.5 * raw and received[1] < 0.05 * raw, (received, raw)
+        assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
 
 
 @pytest.mark.slow

@@ -324,3 +324,77 @@ def test_serialized_once_never_serves_a_freed_tensors_bytes_for_the_tensor_now_a
         del old  # the entry keeps the tensor, so the allocator cannot give its memory to the next one
         new = torch.full((65536,), value + 0.5)
         assert load(shared.get({"T0": new}))["T0"].equal(new)
+
+
+def fine_tuned(weights: dict[str, torch.Tensor], step: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`weights` after a fine-tuning-like change: fp32 steps of about `step`, rounded back to bf16."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + torch.randn(v.shape, generator=g) * step).bfloat16() for k, v in weights.items()}
+
+
+def test_a_delta_item_is_rebuilt_bit_for_bit_from_the_weights_it_was_made_against():
+    g = torch.Generator().manual_seed(1)
+    last = {"w": (torch.randn(256, 512, generator=g) * 0.02).bfloat16(), "norm": torch.ones(512).bfloat16()}
+    new = fine_tuned(last, 3e-5)
+    moved = sum(int((new[k].view(torch.int16) != last[k].view(torch.int16)).sum()) for k in new) / (256 * 512 + 512)
+    assert 0.1 < moved < 0.9  # a real change: a good part of the weights moved, most by a step or two
+    held = transport.Reference(last)
+    delta = transport.encode(new, True, held, list(new))
+    assert delta[: len(transport.DELTA)] == transport.DELTA and transport.delta_names(delta) == ["w", "norm"]
+    assert len(delta) < 0.5 * len(transport.encode(new, True))  # against 0.67 of the bytes packed whole
+    assert transport.unpack(delta, held) == bytes(transport.serialize(new))
+    unchanged = transport.encode(last, True, held, list(last))
+    assert len(unchanged) < 0.01 * len(transport.serialize(last))  # nothing moved: next to no bytes
+    # row parts are found as rows of the held tensor under its name (the server holds whole tensors)
+    parts = transport.split(new, 64 * 512 * 2)
+    part_item = {k: v for k, v in parts.items() if k.startswith("w#")}
+    part_delta = transport.encode(part_item, True, held, list(part_item))
+    assert transport.unpack(part_delta, held) == bytes(transport.serialize(part_item))
+
+
+def test_a_delta_item_against_other_or_no_weights_is_refused_and_unheld_tensors_go_whole():
+    last = {"w": torch.randn(64, 64).bfloat16()}
+    new = fine_tuned(last, 1e-2)
+    delta = transport.encode(new, True, transport.Reference(last), list(new))
+    with pytest.raises(ValueError, match="made against other weights"):
+        transport.unpack(delta, transport.Reference(fine_tuned(last, 1e-2, seed=5)))
+    with pytest.raises(ValueError, match="holds none for it"):
+        transport.unpack(delta, None)
+    with pytest.raises(ValueError, match="differ from it in shape or dtype"):
+        transport.unpack(delta, transport.Reference({"w": last["w"].float()}))
+    with pytest.raises(ValueError, match="cut short|does not decompress"):
+        transport.unpack(delta[:-7], transport.Reference(last))
+    # tensors the reference does not hold, or holds in another shape, go packed whole
+    for held in ({}, {"w": last["w"][:10]}):
+        packed = transport.encode(new, True, transport.Reference(held), list(new))
+        assert packed[: len(transport.PACKED)] == transport.PACKED
+        assert transport.unpack(packed) == bytes(transport.serialize(new))
+
+
+def test_downloads_send_deltas_against_the_send_reference_and_receivers_rebuild_them(monkeypatch):
+    """What a download serves as deltas (`SEND_REFERENCE` when it was made, shared or not), `Unpacking` gives
+    NVFlare's consumer whole again from `RECEIVE_REFERENCE`."""
+    from nvflare.app_opt.pt.tensor_downloader import TensorConsumer
+
+    monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 30))
+    last = transport.split(state(6, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
+    new = fine_tuned(last, 1e-3)
+    ids = {f"T{i}": v for i, v in enumerate(new.values())}  # FOBS hands the downloads tensors under item names
+    transport.set_references(send=transport.Reference(last, sending=new), receive=None)
+    for shared in (None, transport.SERIALIZED):
+        sender = transport.GroupedTensorDownloadable(dict(ids), 2 * 2**20, shared, packed=True)
+        transport.set_references(send=None, receive=transport.Reference(last))  # later changes do not matter
+        items = [bytes(sender.produce_item(i)) for i in range(sender.get_item_count())]
+        assert all(item.startswith(transport.DELTA) for item in items)
+        inner = TensorConsumer(None, {})
+        consumer = transport.Unpacking(inner)
+        for index, item in enumerate(items):
+            consumer.consume("ref", {"start": index, "count": 1}, [item])
+        consumer.download_completed("ref")
+        assert inner.result.keys() == ids.keys() and all(inner.result[k].equal(v) for k, v in ids.items())
+        transport.set_references(send=transport.Reference(last, sending=new), receive=None)
+    plain = transport.GroupedTensorDownloadable(dict(ids), 2 * 2**20, transport.SERIALIZED, packed=False)
+    assert not bytes(plain.produce_item(0)).startswith(transport.DELTA)  # only packed items go as deltas
+    transport.set_references(send=transport.Reference(last, sending={"w": last["small"]}), receive=None)
+    unnamed = transport.GroupedTensorDownloadable(dict(ids), 2 * 2**20, None, packed=True)
+    assert bytes(unnamed.produce_item(0)).startswith(transport.PACKED)
