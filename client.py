@@ -294,8 +294,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         result = global_model = out = None
 
-    held = None  # the last global model's files go now
+    held = None  # the last global model's files go now, whoever still holds them (NVFlare's last upload, say)
     transport.set_references(send=None, receive=None)
+    if RANK == 0:
+        for folder in (work_dir / "received").glob("*"):
+            shutil.rmtree(folder, ignore_errors=True)
     if WORLD_SIZE > 1 and dist.is_initialized():
         dist.destroy_process_group()
 

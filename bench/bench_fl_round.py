@@ -164,6 +164,21 @@ def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[
     return rows
 
 
+DOWNLOAD_DONE = re.compile(r"\[(server|client)\] download (?:tx|ref=)\S* ?.*done: .*\(([\d,]+) bytes\)")
+
+
+def transfer_megabytes(server_log: Path) -> list[dict]:
+    """Per round, from the server's log: MB of each site's download of the global model and of each result."""
+    rounds: list[dict] = []
+    for line in server_log.read_text().splitlines():
+        if "Round " in line and " started." in line:
+            rounds.append({"global_model_mb": [], "results_mb": []})
+        elif rounds and (m := DOWNLOAD_DONE.search(line)):
+            key = "global_model_mb" if m.group(1) == "server" else "results_mb"
+            rounds[-1][key].append(round(int(m.group(2).replace(",", "")) / 1e6))
+    return rounds
+
+
 TRAINING_ONLY = """
 import resource, sys
 from local_trainer import LocalTrainer, parse_train_args
@@ -245,7 +260,8 @@ def main() -> None:
                    peak_tree_rss_gib=round(peak["rss"] / 2**30, 1),
                    training_only_peak_rss_gib_per_site=round(training_only, 1),
                    peak_beyond_training_gib=round(peak["rss"] / 2**30 - args.clients * training_only, 1),
-                   peak_dirty_page_cache_gib=peak.get("dirty"), per_round=rows)  # fmt: skip
+                   peak_dirty_page_cache_gib=peak.get("dirty"), per_round=rows,
+                   megabytes_per_round=transfer_megabytes(work / "ws" / "qwen3-vl" / "server" / "log.txt"))  # fmt: skip
     top = sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:10]
     summary["peak_rss_gib_by_process"] = {k: round(v / 2**30, 1) for k, v in top}
     if args.probe:
