@@ -5,7 +5,9 @@ on PubMedVision-shaped synthetic samples, one round of each `--steps` count per 
 the same starting weights (as every FL round starts from the global model), and prints per round one JSON line: the
 share of bf16 weights that changed, and the bytes the result travels as packed whole (`transport.pack`) and as a
 delta against the start (`--delta_weights`, job.py's default), against the raw bf16 bytes. The trainer's flags are
-bench_fl_round.py's (the language model trains; the vision tower stays as it is, Qwen's default).
+bench_fl_round.py's, but with the language model training as job.py's sites train it (`--tune_mm_llm True`: the
+language model and the mergers train, the vision tower stays as it is); `--merger_only` trains the mergers alone, as
+bench_fl_round.py's sites do.
 
 Usage: python bench/bench_delta.py [--tiny] [--steps 20 100 400] [--learning_rate 5e-7 1e-5] [--workdir DIR]
 """
@@ -57,11 +59,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 100, 400], help="optimizer steps of each round")
     ap.add_argument("--learning_rate", type=float, nargs="+", default=[5e-7, 1e-5], help="job.py's default: 5e-7")
     ap.add_argument("--workdir", default="/tmp/bench_fl_round", help="bench_fl_round.py's: the 2B model is reused")
+    ap.add_argument("--merger_only", action="store_true", help="train the mergers alone (bench_fl_round.py's sites)")
     args = ap.parse_args()
     work = Path(args.workdir)
     model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, 448 * 448)
     build_dataset(work / "images", n=64, image_size=64 if args.tiny else 448, mixed_sizes=False)
     flags = TRAIN_ARGS + (" --bf16 False --max_pixels 4096" if args.tiny else "")
+    flags += "" if args.merger_only else " --tune_mm_llm True"  # the later flag wins
     for lr in args.learning_rate:
         argv = [*flags.split(), "--model_name_or_path", str(model_dir), "--dataset_use", str(work / "images"),
                 "--image_root", str(work / "images"), "--learning_rate", str(lr), "--output_dir", str(work / "delta"),
@@ -73,7 +77,8 @@ def main() -> None:
             began = time.perf_counter()
             trained = trainer.train_round({k: v.clone() for k, v in start.items()}).state_dict
             seconds = time.perf_counter() - began
-            row = dict(learning_rate=lr, steps=steps, train_s=round(seconds, 1), **travelled_bytes(start, trained))
+            row = dict(merger_only=args.merger_only, learning_rate=lr, steps=steps, train_s=round(seconds, 1))
+            row.update(travelled_bytes(start, trained))
             print(json.dumps(row), flush=True)
         del trainer
 
