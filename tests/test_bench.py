@@ -106,3 +106,35 @@ def test_the_request_probe_times_nvflares_requests_once_imported(tmp_path):
     env = os.environ | probe_env(tmp_path / "probe", dict(os.environ))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["timed_send", "timed_handle"], out.stderr[-2000:]
+
+
+def test_bench_fl_round_reads_each_transfers_megabytes_per_round_from_the_server_log(tmp_path):
+    from bench_fl_round import transfer_megabytes
+
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "2026-12-02 17:47:50,110 - FedAvg - INFO - Round 0 started.\n"
+        "2026-12-02 17:48:07,385 - _Transaction - INFO - [server] download tx T98 done: status=finished "
+        "elapsed=8.35s size=2717.9MB (2,849,911,814 bytes)\n"
+        "2026-12-02 17:48:37,965 - function - INFO - [client] download ref=b585 done: elapsed=10.36s "
+        "size=617.4MB (647,349,406 bytes)\n"
+        "2026-12-02 17:48:43,389 - FedAvg - INFO - Round 1 started.\n"
+        "2026-12-02 17:48:52,785 - _Transaction - INFO - [server] download tx Tb6 done: status=finished "
+        "elapsed=8.49s size=617.3MB (647,337,091 bytes)\n"
+    )
+    assert transfer_megabytes(log) == [
+        {"global_model_mb": [2850], "results_mb": [647]},
+        {"global_model_mb": [647], "results_mb": []},
+    ]
+
+
+def test_bench_delta_counts_changed_weights_and_the_bytes_each_way_travels():
+    import torch
+    from bench_delta import travelled_bytes
+
+    g = torch.Generator().manual_seed(0)
+    start = {"w": (torch.randn(256, 256, generator=g) * 0.02).bfloat16(), "b": torch.zeros(256).bfloat16()}
+    trained = {"w": start["w"].clone(), "b": start["b"] + 1}  # one tensor unchanged, one all changed
+    row = travelled_bytes(start, trained)
+    assert row["changed"] == round(256 / (256 * 256 + 256), 4)
+    assert row["delta_mb"] <= row["whole_packed_mb"] and row["delta_of_raw"] < 0.05
