@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import struct
 import tempfile
 import threading
@@ -71,7 +72,8 @@ PACKED = b"FLzstd1\xff"
 DELTA = b"FLzsdd1\xff"  # a delta item's first 8 bytes (`pack` with a reference), likewise no safetensors length
 PACKED_AHEAD = 3  # packed items a download prepares ahead of the one it sends (GroupedTensorDownloadable)
 UNPACK_AHEAD = 3  # packed items a download unpacks while it receives more (Unpacking)
-UNPACKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unpack")  # shared by a process's downloads
+# Shared by a process's downloads: the server unpacks every site's result at once (3 sites: 3 streams of items).
+UNPACKERS = ThreadPoolExecutor(max_workers=min(8, max(4, os.cpu_count() or 1)), thread_name_prefix="unpack")
 # zstd's fastest match search, over a small window: the bytes are numbers, not text, so longer searches find next
 # to nothing; the compression comes from coding the exponent bytes' skewed values.
 _ZSTD = zstandard.ZstdCompressionParameters(
@@ -220,8 +222,9 @@ def _planes(words: np.ndarray) -> tuple[bytes, bytes]:
     return compressor.compress(high), compressor.compress(low)
 
 
-def _words(high: bytes, low: bytes, what: str) -> np.ndarray:
-    """The 16-bit words `_planes` compressed, from its two frames."""
+def _words(high: bytes, low: bytes, what: str, head: bytes | memoryview = b"") -> tuple[bytearray, np.ndarray]:
+    """The 16-bit words `_planes` compressed, from its two frames, written after `head` into one new buffer:
+    (the buffer, its words)."""
     decompressor = zstandard.ZstdDecompressor()
     try:
         high, low = decompressor.decompress(high), decompressor.decompress(low)
@@ -229,11 +232,13 @@ def _words(high: bytes, low: bytes, what: str) -> np.ndarray:
         raise ValueError(f"{what} does not decompress: {e}") from e
     if len(high) != len(low):
         raise ValueError(f"{what}'s byte planes differ in size ({len(high)} and {len(low)} bytes)")
-    out = np.empty(len(high), dtype="<u2")
-    pairs = out.view(np.uint8).reshape(-1, 2)
+    out = bytearray(len(head) + 2 * len(high))
+    out[: len(head)] = head
+    words = np.frombuffer(out, dtype="<u2", offset=len(head))
+    pairs = words.view(np.uint8).reshape(-1, 2)
     pairs[:, 1] = np.frombuffer(high, dtype=np.uint8)
     pairs[:, 0] = np.frombuffer(low, dtype=np.uint8)
-    return out
+    return out, words
 
 
 def _checksum(words: np.ndarray) -> int:
@@ -309,8 +314,9 @@ def delta_names(item: bytes | memoryview) -> list[str] | None:
     return _delta_parts(view)[0] if view[: len(DELTA)] == DELTA else None
 
 
-def unpack(item: bytes | memoryview, reference: Reference | None = None) -> bytes | memoryview:
-    """The blob `pack` made `item` from; any other item as it is. A delta item is rebuilt from `reference` (the
+def unpack(item: bytes | memoryview, reference: Reference | None = None) -> bytes | bytearray | memoryview:
+    """The blob `pack` made `item` from (a bytearray, written in place: NVFlare's in-memory receiver takes only
+    bytes, its disk offload any buffer); any other item as it is. A delta item is rebuilt from `reference` (the
     weights it was made against), and refused when this process holds other weights or none."""
     if not is_packed(item):
         return item
@@ -320,10 +326,10 @@ def unpack(item: bytes | memoryview, reference: Reference | None = None) -> byte
     if len(view) < 16:
         raise ValueError(f"a packed item of {len(view)} bytes is cut short")
     (odd_size,) = struct.unpack_from("<Q", view, 8)
-    return _words(view[16 : 16 + odd_size], view[16 + odd_size :], "a packed item").tobytes()  # receivers take bytes
+    return _words(view[16 : 16 + odd_size], view[16 + odd_size :], "a packed item")[0]
 
 
-def _undelta(view: memoryview, reference: Reference | None) -> bytes:
+def _undelta(view: memoryview, reference: Reference | None) -> bytearray:
     names, parsed, header, checksum, body, high_size = _delta_parts(view)
     shown = f"{names[:3]}{'...' if len(names) > 3 else ''}"
     held = None if reference is None else reference.item(names)
@@ -336,18 +342,19 @@ def _undelta(view: memoryview, reference: Reference | None) -> bytes:
     start = len(header)
     if old[:start] != header:
         raise ValueError(f"a delta item of {shown}: the weights held here differ from it in shape or dtype")
-    zigzag = _words(view[body : body + high_size], view[body + high_size :], "a delta item")
+    out, zigzag = _words(view[body : body + high_size], view[body + high_size :], "a delta item", header)
     if zigzag.size * 2 != len(old) - start:
         raise ValueError(f"a delta item of {shown} holds {zigzag.size * 2} bytes, its tensors {len(old) - start}")
-    delta = np.right_shift(zigzag, 1).view("<i2")
-    np.bitwise_xor(delta, np.negative(np.bitwise_and(zigzag, 1).view("<i2")), out=delta)
-    new = np.add(np.frombuffer(old[start:], "<i2"), delta, out=delta)
+    sign = np.negative(np.bitwise_and(zigzag, 1).view("<i2"))  # 0 or -1
+    delta = np.right_shift(zigzag, 1, out=zigzag).view("<i2")
+    np.bitwise_xor(delta, sign, out=delta)
+    new = np.add(np.frombuffer(old[start:], "<i2"), delta, out=delta)  # in `out`, after the header
     if _checksum(new.view("<u2")) != checksum:
         raise ValueError(
             f"a delta item of {shown} was made against other weights than the ones this process holds "
             "(its checksum does not match)"
         )
-    return b"".join((header, new.view(np.uint8)))
+    return out
 
 
 def _layout(tensor: torch.Tensor) -> tuple:
@@ -567,6 +574,11 @@ class GroupedTensorDownloadable(CacheableObject):
         super().release()
 
 
+def _unpacked(item: bytes | memoryview, reference: Reference | None, as_bytes: bool) -> bytes | bytearray | memoryview:
+    item = unpack(item, reference)
+    return bytes(item) if as_bytes and isinstance(item, bytearray) else item
+
+
 class Unpacking(Consumer):
     """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`, delta items rebuilt from
     `RECEIVE_REFERENCE`), in order, in the download's thread.
@@ -587,8 +599,8 @@ class Unpacking(Consumer):
         if not self.waiting and not any(is_packed(item) for item in data):
             self.inner.consume(ref_id, state, data)
             return state
-        reference = RECEIVE_REFERENCE
-        self.waiting.append((state, UNPACKERS.submit(lambda: [unpack(item, reference) for item in data])))
+        reference, as_bytes = RECEIVE_REFERENCE, not isinstance(self.inner, DiskTensorConsumer)
+        self.waiting.append((state, UNPACKERS.submit(lambda: [_unpacked(item, reference, as_bytes) for item in data])))
         while len(self.waiting) > UNPACK_AHEAD:
             self._hand_over_first(ref_id)
         return state
