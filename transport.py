@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import struct
 import tempfile
 import threading
@@ -72,8 +71,7 @@ PACKED = b"FLzstd1\xff"
 DELTA = b"FLzsdd1\xff"  # a delta item's first 8 bytes (`pack` with a reference), likewise no safetensors length
 PACKED_AHEAD = 3  # packed items a download prepares ahead of the one it sends (GroupedTensorDownloadable)
 UNPACK_AHEAD = 3  # packed items a download unpacks while it receives more (Unpacking)
-# Shared by a process's downloads: the server unpacks every site's result at once (3 sites: 3 streams of items).
-UNPACKERS = ThreadPoolExecutor(max_workers=min(8, max(4, os.cpu_count() or 1)), thread_name_prefix="unpack")
+UNPACKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="unpack")  # shared by a process's downloads
 # zstd's fastest match search, over a small window: the bytes are numbers, not text, so longer searches find next
 # to nothing; the compression comes from coding the exponent bytes' skewed values.
 _ZSTD = zstandard.ZstdCompressionParameters(
