@@ -183,15 +183,11 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
-    """The safetensors bytes of `item` (what NVFlare sends for tensors), copied without holding Python's GIL.
-
-    safetensors' own `save` holds the GIL while it copies (about 3 GB/s), and on the server that copy competes with
-    every site's stream for the one interpreter; torch's `copy_` into a buffer releases it. Falls back to safetensors
-    for dtypes outside the common ones and for non-contiguous tensors (which it refuses, as NVFlare's own send does).
-    """
+def _header(item: dict[str, torch.Tensor]) -> bytes | None:
+    """The length and header that start `item`'s safetensors bytes; None for dtypes outside the common ones and for
+    non-contiguous tensors (left to safetensors itself)."""
     if not all(t.dtype in _SAFETENSORS_DTYPES and t.is_contiguous() for t in item.values()):
-        return save_tensors(item)
+        return None
     header, offset = {}, 0
     for name, tensor in item.items():
         size = nbytes(tensor)
@@ -200,9 +196,22 @@ def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    start = 8 + len(encoded)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def serialize(item: dict[str, torch.Tensor]) -> bytes | memoryview:
+    """The safetensors bytes of `item` (what NVFlare sends for tensors), copied without holding Python's GIL.
+
+    safetensors' own `save` holds the GIL while it copies (about 3 GB/s), and on the server that copy competes with
+    every site's stream for the one interpreter; torch's `copy_` into a buffer releases it. Falls back to safetensors
+    for dtypes outside the common ones and for non-contiguous tensors (which it refuses, as NVFlare's own send does).
+    """
+    head = _header(item)
+    if head is None:
+        return save_tensors(item)
+    start, offset = len(head), sum(map(nbytes, item.values()))
     buffer = torch.empty(start + offset, dtype=torch.uint8)
-    buffer[:start].copy_(torch.frombuffer(bytearray(struct.pack("<Q", len(encoded)) + encoded), dtype=torch.uint8))
+    buffer[:start].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
     for tensor in item.values():
         size = nbytes(tensor)
         if size:
@@ -240,6 +249,7 @@ def _words(high: bytes, low: bytes, what: str, head: bytes | memoryview = b"") -
 
 
 def _checksum(words: np.ndarray) -> int:
+    """The sum of the words, modulo 2**64."""
     return int(np.sum(words, dtype=np.uint64))
 
 
@@ -248,14 +258,31 @@ def _header_size(blob: bytes | memoryview) -> int:
     return 8 + struct.unpack_from("<Q", blob)[0]
 
 
-def pack(
-    blob: bytes | memoryview, reference: bytes | memoryview | None = None, names: list[str] | None = None
-) -> bytes | memoryview:
+def _words_of(tensors: list[torch.Tensor]) -> list[np.ndarray] | None:
+    """Each CPU tensor's bytes as 16-bit words, without a copy; None if one is not contiguous or has an odd size."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() and nbytes(t) % 2 == 0 for t in tensors):
+        return None
+    return [t.detach().reshape(-1).view(torch.uint8).numpy().view("<i2") for t in tensors]
+
+
+def _reference_words(reference, view: memoryview, start: int) -> list[np.ndarray] | None:
+    """The reference's tensor bytes as 16-bit words, in pieces: a serialized item (its header the same as `view`'s)
+    or its tensors in order; None where it does not fit `view`."""
+    if isinstance(reference, (bytes, bytearray, memoryview)):
+        ref = memoryview(reference).cast("B")
+        fits = len(ref) == len(view) and ref[:start] == view[:start]
+        return [np.frombuffer(ref[start:], "<i2")] if fits else None
+    pieces = _words_of(list(reference))
+    return pieces if pieces is not None and 2 * sum(p.size for p in pieces) == len(view) - start else None
+
+
+def pack(blob: bytes | memoryview, reference: Any = None, names: list[str] | None = None) -> bytes | memoryview:
     """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
     frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free.
 
-    `reference`: the serialized item the receiver holds too (the same tensors' earlier values, under the same item
-    names), `names`: its tensors' names in the state dict, where the receiver looks them up. The item then travels
+    `reference`: the same tensors' earlier values, which the receiver holds too: their serialized item (under the
+    same item names) or the tensors in order (in the same shapes and dtypes: the caller checks); `names`: their
+    names in the state dict, where the receiver looks them up. The item then travels
     as a delta: `DELTA`; the header's size, a checksum of `blob`'s tensor bytes, the first frame's length and the
     names' length; the names (JSON), `blob`'s safetensors header, then the zigzag-coded difference of each 16-bit
     word from the reference's, as two frames (its high and low bytes). With a reference of another header, as
@@ -263,19 +290,41 @@ def pack(
     view = memoryview(blob).cast("B")
     if len(view) % 2:
         return blob
+    old, start = None, 0
     if reference is not None and names is not None:
-        start, ref = _header_size(view), memoryview(reference).cast("B")
-        if len(ref) == len(view) and start % 2 == 0 and ref[:start] == view[:start]:
-            new, old = np.frombuffer(view[start:], "<i2"), np.frombuffer(ref[start:], "<i2")
-            delta = np.subtract(new, old)  # wraps around: int16 arithmetic
-            zigzag = np.left_shift(delta, 1)
-            np.bitwise_xor(zigzag, np.right_shift(delta, 15, out=delta), out=zigzag)  # -1 -> 1, 1 -> 2, 0 -> 0
-            high, low = _planes(zigzag.view("<u2"))
-            named = json.dumps(names).encode()
-            sizes = struct.pack("<QQQQ", start, _checksum(new.view("<u2")), len(high), len(named))
-            return b"".join((DELTA, sizes, named, view[:start], high, low))
+        start = _header_size(view)
+        old = _reference_words(reference, view, start) if start % 2 == 0 else None
+    if old is not None:
+        return _pack_delta(view[:start], [np.frombuffer(view[start:], "<i2")], old, names)
     high, low = _planes(np.frombuffer(view, dtype="<u2"))  # byte pairs: the odd byte high on any machine
     return b"".join((PACKED, struct.pack("<Q", len(high)), high, low))
+
+
+def _subtract(new: list[np.ndarray], old: list[np.ndarray], out: np.ndarray) -> None:
+    """`out` = `new` - `old`, word by word (wrapping around), both given in pieces of any sizes: no copies."""
+    new, old = [p for p in new if p.size], [p for p in old if p.size]
+    i = j = ni = nj = at = 0
+    while at < out.size:
+        n = min(new[i].size - ni, old[j].size - nj)
+        np.subtract(new[i][ni : ni + n], old[j][nj : nj + n], out=out[at : at + n])
+        at, ni, nj = at + n, ni + n, nj + n
+        if ni == new[i].size:
+            i, ni = i + 1, 0
+        if nj == old[j].size:
+            j, nj = j + 1, 0
+
+
+def _pack_delta(head: bytes | memoryview, new: list[np.ndarray], old: list[np.ndarray], names: list[str]) -> bytes:
+    """`pack`'s delta item, from the safetensors header and the new and the held words (in pieces, as many words)."""
+    delta = np.empty(sum(piece.size for piece in new), "<i2")
+    _subtract(new, old, delta)
+    zigzag = np.left_shift(delta, 1)
+    np.bitwise_xor(zigzag, np.right_shift(delta, 15, out=delta), out=zigzag)  # -1 -> 1, 1 -> 2, 0 -> 0
+    high, low = _planes(zigzag.view("<u2"))
+    named = json.dumps(names).encode()
+    checksum = sum(_checksum(piece.view("<u2")) for piece in new) % 2**64
+    sizes = struct.pack("<QQQQ", len(head), checksum, len(high), len(named))
+    return b"".join((DELTA, sizes, named, head, high, low))
 
 
 def is_packed(item: bytes | memoryview) -> bool:
@@ -336,17 +385,26 @@ def _undelta(view: memoryview, reference: Reference | None) -> bytearray:
             f"a delta item of {shown} needs the weights it was made against (the last global model), and this "
             "process holds none for it"
         )
-    old = memoryview(serialize(dict(zip(parsed, held.values(), strict=True)))).cast("B")  # under the item's own names
-    start = len(header)
-    if old[:start] != header:
+    described = [(spec.get("dtype"), list(spec.get("shape", []))) for spec in parsed.values()]
+    if described != [(_SAFETENSORS_DTYPES.get(t.dtype), list(t.shape)) for t in held.values()]:
         raise ValueError(f"a delta item of {shown}: the weights held here differ from it in shape or dtype")
+    old = _words_of(list(held.values()))
+    if old is None:  # as a serialized item instead
+        blob = memoryview(serialize(held)).cast("B")
+        old = [np.frombuffer(blob[_header_size(blob) :], "<i2")]
     out, zigzag = _words(view[body : body + high_size], view[body + high_size :], "a delta item", header)
-    if zigzag.size * 2 != len(old) - start:
-        raise ValueError(f"a delta item of {shown} holds {zigzag.size * 2} bytes, its tensors {len(old) - start}")
+    if zigzag.size != sum(piece.size for piece in old):
+        raise ValueError(
+            f"a delta item of {shown} holds {zigzag.size * 2} bytes, its tensors {2 * sum(p.size for p in old)}"
+        )
     sign = np.negative(np.bitwise_and(zigzag, 1).view("<i2"))  # 0 or -1
     delta = np.right_shift(zigzag, 1, out=zigzag).view("<i2")
     np.bitwise_xor(delta, sign, out=delta)
-    new = np.add(np.frombuffer(old[start:], "<i2"), delta, out=delta)  # in `out`, after the header
+    at = 0
+    for piece in old:  # the rebuilt words, in `out` after the header
+        np.add(delta[at : at + piece.size], piece, out=delta[at : at + piece.size])
+        at += piece.size
+    new = delta
     if _checksum(new.view("<u2")) != checksum:
         raise ValueError(
             f"a delta item of {shown} was made against other weights than the ones this process holds "
@@ -418,9 +476,13 @@ def encode(
     if not packed:
         return serialize(item)
     held = None if reference is None or names is None else reference.item(names)
-    if held is None:
+    described = [(t.dtype, tuple(t.shape)) for t in item.values()]
+    if held is None or described != [(t.dtype, tuple(t.shape)) for t in held.values()]:
         return pack(serialize(item))
-    return pack(serialize(item), serialize(dict(zip(item, held.values(), strict=True))), names)
+    head, new, old = _header(item), _words_of(list(item.values())), _words_of(list(held.values()))
+    if head is None or new is None or old is None:
+        return pack(serialize(item), list(held.values()), names)
+    return _pack_delta(head, new, old, names)  # straight from the tensors: no serialized copy of either
 
 
 def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
