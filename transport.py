@@ -28,9 +28,10 @@ Where both ends hold the same earlier weights (the global model a site received,
 the site's result comes back; the previous global model, which the sites kept, when the server sends the next one),
 packed items travel as deltas against them (`Reference`, `set_references`): each number's bits minus the earlier
 number's, zigzag-coded, so that a weight that moved by a few steps of its last bit becomes a small number and one
-that did not move a zero. Fine-tuning moves most bf16 weights by less than half a step of their last bit in a round,
-so most of the delta is zeros. A delta item carries its safetensors header as it is and a checksum of the bytes it
-stands for: a receiver holding other weights than the sender's refuses it instead of rebuilding wrong ones.
+that did not move a zero. A round of fine-tuning moves a bf16 weight by a step or two of its last bit, if at all,
+so the delta compresses to a fraction of the weights' bytes (BENCHMARKS.md, session 13). A delta item carries its
+safetensors header as it is and a checksum of the bytes it stands for: a receiver holding other weights than the
+sender's refuses it instead of rebuilding wrong ones.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -265,59 +266,25 @@ def _words_of(tensors: list[torch.Tensor]) -> list[np.ndarray] | None:
     return [t.detach().reshape(-1).view(torch.uint8).numpy().view("<i2") for t in tensors]
 
 
-def _reference_words(reference, view: memoryview, start: int) -> list[np.ndarray] | None:
-    """The reference's tensor bytes as 16-bit words, in pieces: a serialized item (its header the same as `view`'s)
-    or its tensors in order; None where it does not fit `view`."""
-    if isinstance(reference, (bytes, bytearray, memoryview)):
-        ref = memoryview(reference).cast("B")
-        fits = len(ref) == len(view) and ref[:start] == view[:start]
-        return [np.frombuffer(ref[start:], "<i2")] if fits else None
-    pieces = _words_of(list(reference))
-    return pieces if pieces is not None and 2 * sum(p.size for p in pieces) == len(view) - start else None
-
-
-def pack(blob: bytes | memoryview, reference: Any = None, names: list[str] | None = None) -> bytes | memoryview:
+def pack(blob: bytes | memoryview) -> bytes | memoryview:
     """`blob` compressed: `PACKED`, the length of the first frame, then its odd bytes and its even bytes as two zstd
-    frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free.
-
-    `reference`: the same tensors' earlier values, which the receiver holds too: their serialized item (under the
-    same item names) or the tensors in order (in the same shapes and dtypes: the caller checks); `names`: their
-    names in the state dict, where the receiver looks them up. The item then travels
-    as a delta: `DELTA`; the header's size, a checksum of `blob`'s tensor bytes, the first frame's length and the
-    names' length; the names (JSON), `blob`'s safetensors header, then the zigzag-coded difference of each 16-bit
-    word from the reference's, as two frames (its high and low bytes). With a reference of another header, as
-    without one."""
+    frames. An odd-sized blob stays as it is. zstd and numpy's copies leave Python's interpreter free."""
     view = memoryview(blob).cast("B")
     if len(view) % 2:
         return blob
-    old, start = None, 0
-    if reference is not None and names is not None:
-        start = _header_size(view)
-        old = _reference_words(reference, view, start) if start % 2 == 0 else None
-    if old is not None:
-        return _pack_delta(view[:start], [np.frombuffer(view[start:], "<i2")], old, names)
     high, low = _planes(np.frombuffer(view, dtype="<u2"))  # byte pairs: the odd byte high on any machine
     return b"".join((PACKED, struct.pack("<Q", len(high)), high, low))
 
 
-def _subtract(new: list[np.ndarray], old: list[np.ndarray], out: np.ndarray) -> None:
-    """`out` = `new` - `old`, word by word (wrapping around), both given in pieces of any sizes: no copies."""
-    new, old = [p for p in new if p.size], [p for p in old if p.size]
-    i = j = ni = nj = at = 0
-    while at < out.size:
-        n = min(new[i].size - ni, old[j].size - nj)
-        np.subtract(new[i][ni : ni + n], old[j][nj : nj + n], out=out[at : at + n])
-        at, ni, nj = at + n, ni + n, nj + n
-        if ni == new[i].size:
-            i, ni = i + 1, 0
-        if nj == old[j].size:
-            j, nj = j + 1, 0
-
-
-def _pack_delta(head: bytes | memoryview, new: list[np.ndarray], old: list[np.ndarray], names: list[str]) -> bytes:
-    """`pack`'s delta item, from the safetensors header and the new and the held words (in pieces, as many words)."""
-    delta = np.empty(sum(piece.size for piece in new), "<i2")
-    _subtract(new, old, delta)
+def _pack_delta(head: bytes, new: list[np.ndarray], old: list[np.ndarray], names: list[str]) -> bytes:
+    """An item as a delta: `DELTA`; the header's size, a checksum of the new words, the first frame's length and the
+    names' length; the tensors' state dict `names` (JSON), the item's safetensors `head`er, then the zigzag-coded
+    difference of each 16-bit word of the `new` tensors from the `old` ones (tensor by tensor, the same sizes), as
+    two zstd frames (its high and low bytes)."""
+    delta, at = np.empty(sum(piece.size for piece in new), "<i2"), 0
+    for new_words, old_words in zip(new, old, strict=True):  # wraps around: int16 arithmetic
+        np.subtract(new_words, old_words, out=delta[at : at + new_words.size])
+        at += new_words.size
     zigzag = np.left_shift(delta, 1)
     np.bitwise_xor(zigzag, np.right_shift(delta, 15, out=delta), out=zigzag)  # -1 -> 1, 1 -> 2, 0 -> 0
     high, low = _planes(zigzag.view("<u2"))
@@ -413,10 +380,6 @@ def _undelta(view: memoryview, reference: Reference | None) -> bytearray:
     return out
 
 
-def _layout(tensor: torch.Tensor) -> tuple:
-    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
-
-
 class Reference:
     """Weights this process and its peer both hold (name -> tensor or NVFlare's lazy reference to one): what delta
     items are made against when sent and rebuilt from when received. A part's name (`split`) is found as itself or
@@ -477,12 +440,11 @@ def encode(
         return serialize(item)
     held = None if reference is None or names is None else reference.item(names)
     described = [(t.dtype, tuple(t.shape)) for t in item.values()]
-    if held is None or described != [(t.dtype, tuple(t.shape)) for t in held.values()]:
-        return pack(serialize(item))
-    head, new, old = _header(item), _words_of(list(item.values())), _words_of(list(held.values()))
-    if head is None or new is None or old is None:
-        return pack(serialize(item), list(held.values()), names)
-    return _pack_delta(head, new, old, names)  # straight from the tensors: no serialized copy of either
+    if held is not None and described == [(t.dtype, tuple(t.shape)) for t in held.values()]:
+        head, new, old = _header(item), _words_of(list(item.values())), _words_of(list(held.values()))
+        if head is not None and new is not None and old is not None:
+            return _pack_delta(head, new, old, names)  # straight from the tensors: no serialized copy of either
+    return pack(serialize(item))
 
 
 def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
