@@ -84,8 +84,9 @@ def define_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--delta_weights", action=argparse.BooleanOptionalAction, default=True,
-        help="with --compress_weights, from round 1 on send each model as the change from the last global model, "
-        "which both ends hold (lossless; a tenth to a third of the bytes when fine-tuning); --no-delta_weights: whole",
+        help="with --compress_weights, send each result, and from round 1 on the global model, as its change from the "
+        "last global model, which both ends hold (lossless; 3-22%% of the raw bytes in the 2B model's measured "
+        "rounds); --no-delta_weights: whole",
     )  # fmt: skip
     p.add_argument(
         "--task_request_interval", type=float, default=0.25,

@@ -164,7 +164,9 @@ def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[
     return rows
 
 
-DOWNLOAD_DONE = re.compile(r"\[(server|client)\] download (?:tx|ref=)\S* ?.*done: .*\(([\d,]+) bytes\)")
+TRANSFER_DONE = re.compile(
+    r"\[(server|client)\] download (?:tx \S+|ref=\S+) done: (?:status=finished )?elapsed=([\d.]+)s .*\(([\d,]+) bytes"
+)
 
 
 def transfer_megabytes(server_log: Path) -> list[dict]:
@@ -173,9 +175,9 @@ def transfer_megabytes(server_log: Path) -> list[dict]:
     for line in server_log.read_text().splitlines():
         if "Round " in line and " started." in line:
             rounds.append({"global_model_mb": [], "results_mb": []})
-        elif rounds and (m := DOWNLOAD_DONE.search(line)):
+        elif rounds and (m := TRANSFER_DONE.search(line)):
             key = "global_model_mb" if m.group(1) == "server" else "results_mb"
-            rounds[-1][key].append(round(int(m.group(2).replace(",", "")) / 1e6))
+            rounds[-1][key].append(round(int(m.group(3).replace(",", "")) / 1e6))
     return rounds
 
 

@@ -4,9 +4,9 @@ NVFlare moves tensors in many threads of one process; a copy that holds the GIL 
 serializing (safetensors' `save`, as NVFlare does, and `transport.serialize`), and for packing the item and unpacking
 it (`transport.pack`, `unpack`: `--compress_weights`), and encoding it as a delta against its weights before a
 fine-tuning-like change and rebuilding it (`transport.encode` with a `Reference`, `unpack`: `--delta_weights`), a
-second thread counts in a Python loop while the item is
-processed over and over; its rate against an idle baseline is the share of the interpreter that left free (1.0: none
-taken). The item holds random weights as Hugging Face initializes them (std 0.02); `packed_ratio`: its packed size;
+second thread counts in a Python loop while the item is processed over and over; its rate against an idle baseline
+is the share of the interpreter that left free (1.0: none taken). The item holds random weights as Hugging Face
+initializes them (std 0.02); `packed_ratio`: its packed size;
 `delta_ratio`, `delta_changed`: its delta's size, and the share of its weights that changed (fp32 steps of std 1e-4
 rounded to bf16, about what 100 steps at a learning rate of 1e-5 change in the 2B model, BENCHMARKS.md).
 Usage: python bench/bench_serialize.py [--mb 24] [--repeat 40]

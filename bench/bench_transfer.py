@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fl_round import env_overrides, peak_tree_rss, probe_env, request_summary  # noqa: E402
+from bench_fl_round import TRANSFER_DONE, env_overrides, peak_tree_rss, probe_env, request_summary  # noqa: E402
 
 SERVER_MODEL = '''
 import torch
@@ -152,11 +152,6 @@ def serializations(server_log: Path) -> list[list[int]]:
         for _, line in stamped_lines(server_log)
         if (m := SERIALIZATIONS.search(line))
     ]
-
-
-TRANSFER_DONE = re.compile(
-    r"\[(server|client)\] download (?:tx \S+|ref=\S+) done: (?:status=finished )?elapsed=([\d.]+)s .*\(([\d,]+) bytes"
-)
 
 
 def transfer_phases(server_log: Path) -> list[dict]:
