@@ -260,10 +260,11 @@ def _header_size(blob: bytes | memoryview) -> int:
 
 
 def _words_of(tensors: list[torch.Tensor]) -> list[np.ndarray] | None:
-    """Each CPU tensor's bytes as 16-bit words, without a copy; None if one is not contiguous or has an odd size."""
-    if not all(t.device.type == "cpu" and t.is_contiguous() and nbytes(t) % 2 == 0 for t in tensors):
+    """Each tensor's bytes as 16-bit words: a CPU tensor's without a copy, another device's (a site's trained weights
+    stay on its GPU) copied to the host; None if one is not contiguous or has an odd size."""
+    if not all(t.is_contiguous() and nbytes(t) % 2 == 0 for t in tensors):
         return None
-    return [t.detach().reshape(-1).view(torch.uint8).numpy().view("<i2") for t in tensors]
+    return [t.detach().to("cpu").reshape(-1).view(torch.uint8).numpy().view("<i2") for t in tensors]
 
 
 def pack(blob: bytes | memoryview) -> bytes | memoryview:

@@ -352,6 +352,17 @@ def test_a_delta_item_is_rebuilt_bit_for_bit_from_the_weights_it_was_made_agains
     assert transport.unpack(part_delta, held) == bytes(transport.serialize(part_item))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: a site's trained weights stay on it")
+def test_trained_weights_on_the_gpu_go_as_a_delta_against_held_host_weights():
+    g = torch.Generator().manual_seed(3)
+    last = {"w": (torch.randn(128, 256, generator=g) * 0.02).bfloat16()}
+    new = {k: v.cuda() for k, v in fine_tuned(last, 3e-5).items()}
+    held = transport.Reference(last)
+    delta = transport.encode(new, True, held, list(new))
+    assert delta[: len(transport.DELTA)] == transport.DELTA  # not packed whole
+    assert transport.unpack(delta, held) == bytes(transport.serialize({k: v.cpu() for k, v in new.items()}))
+
+
 def test_a_delta_item_against_other_or_no_weights_is_refused_and_unheld_tensors_go_whole():
     last = {"w": torch.randn(64, 64).bfloat16()}
     new = fine_tuned(last, 1e-2)
