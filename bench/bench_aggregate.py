@@ -53,10 +53,10 @@ def main() -> None:
     args = parser.parse_args()
 
     layout = shapes(args.gb)
-    results = [offloaded_result(Path(args.workdir) / f"site-{s}", layout, 1.0 + s) for s in range(args.sites)]
     aggregator = SampleWeightedFedAvg()
     rows = []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # written anew each time: the aggregator deletes the results it averaged
+        results = [offloaded_result(Path(args.workdir) / f"site-{s}", layout, 1.0 + s) for s in range(args.sites)]
         for s, params in enumerate(results):
             meta = {"client_name": f"site-{s}"}
             aggregator.accept_model(FLModel(params=params, metrics={"samples": 1.0 + s}, meta=meta, current_round=0))
@@ -65,7 +65,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         rows.append({"seconds": round(seconds, 2), "page_faults": faults})
-        del averaged
+        del averaged, results, params  # NVFlare deletes a result's folder once its last reference goes
+        aggregator.wait_for_discard()
     print(json.dumps({"gb_per_site": args.gb, "sites": args.sites, "threads": torch.get_num_threads(), "runs": rows}))
 
 

@@ -11,9 +11,12 @@ default) whole; `--receive disk` has the clients receive to disk as job.py's sit
 `--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
 the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values randn --compress_weights` sends
 random weights (as Hugging Face initializes them) packed both ways (`transport.pack`), `--values randn` alone the same
-weights plain; `--probe` times every download request (bench/request_probe, as bench_fl_round.py's).
+weights plain; `--delta_weights SHARE` (with `--compress_weights --receive disk --values randn`) sends them as deltas
+both ways, each client moving SHARE of the weights by one step of their last bit each round; `--probe` times every
+download request (bench/request_probe, as bench_fl_round.py's).
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--probe] [--keep_logs DIR] [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--delta_weights SHARE] [--probe]
+    [--keep_logs DIR] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_fl_round import TRANSFER_DONE, env_overrides, peak_tree_rss, probe_env, request_summary  # noqa: E402
+from bench_fl_round import (  # noqa: E402
+    TRANSFER_DONE,
+    env_overrides,
+    peak_tree_rss,
+    probe_env,
+    request_summary,
+    transfer_megabytes,
+)
 
 SERVER_MODEL = '''
 import torch
@@ -96,6 +106,7 @@ from model import materialize
 
 part_bytes, to_disk = int(sys.argv[1]), sys.argv[2] == "disk"
 randn, packed = sys.argv[3] == "randn", sys.argv[4] == "packed"
+changed = float(sys.argv[5])  # > 0: deltas both ways, this share of the weights moved by one step of their last bit
 if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors into files, read back one at a time
     from client import receive_to_disk
 
@@ -105,18 +116,39 @@ else:  # into memory, sending in grouped items as job.py's sites do
     from nvflare.fuel.utils import fobs
 
     fobs.register(transport.GroupedTensorDecomposer(packed))
+
+
+def step_last_bits(tensor, share):
+    # `tensor` (bf16) with `share` of its numbers one step of their last bit up or down, at random: what a round of
+    # fine-tuning does to most of the weights it moves (BENCHMARKS.md)
+    import torch
+
+    steps = torch.randint(-1, 2, tensor.shape, dtype=torch.int16)
+    steps.mul_(torch.rand(tensor.shape) < share)
+    return (tensor.view(torch.int16) + steps).view(torch.bfloat16)
+
+
 flare.init()
 while flare.is_running():
     received = flare.receive()
     if received is None:
         break
-    # changed, with the values' spread kept (a sign flip) where they are random, so packing sees what it got
-    params = {k: -materialize(v) if randn else materialize(v) + 1 for k, v in received.params.items()}
+    meta = {"NUM_STEPS_CURRENT_ROUND": 1}
+    if changed:  # as job.py's sites do with --delta_weights: keep the global model, send the change from it
+        from client import keep_for_deltas
+
+        held = keep_for_deltas(received.params)
+        meta[transport.KEEPS_GLOBAL_MODEL] = held is not None
+        params = {k: step_last_bits(materialize(v), changed) for k, v in received.params.items()}
+    else:  # changed, with the values' spread kept (a sign flip) where they are random, so packing sees what it got
+        params = {k: -materialize(v) if randn else materialize(v) + 1 for k, v in received.params.items()}
     round_num, received = received.current_round, None
     gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
     ready = time.time()
     params = transport.split(params, part_bytes)  # parts stay parts; whole tensors over the size are split
-    flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    if changed and held is not None:
+        transport.set_references(send=transport.Reference(held, sending=params), receive=transport.RECEIVE_REFERENCE)
+    flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta=meta))
     print(f"[transfer] {flare.get_site_name()} round {round_num}: {gb:.2f} GB, send {time.time() - ready:.1f} s",
           flush=True)
 """
@@ -244,9 +276,19 @@ def main() -> None:
     parser.add_argument(
         "--compress_weights", action="store_true", help="send packed both ways (job.py's --compress_weights)"
     )
+    parser.add_argument(
+        "--delta_weights",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="with --compress_weights --receive disk --values randn: weights travel as deltas both ways (job.py's "
+        "--delta_weights), each client moving this share of them by one step of their last bit each round",
+    )
     parser.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
     parser.add_argument("--keep_logs", type=Path, help="copy the run's NVFlare logs (server, sites) into this folder")
     args = parser.parse_args()
+    if args.delta_weights and not (args.compress_weights and args.receive == "disk" and args.values == "randn"):
+        parser.error("--delta_weights needs --compress_weights --receive disk --values randn")
 
     sent_as = "packed" if args.compress_weights else "plain"
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
@@ -267,10 +309,11 @@ part_bytes = {int(args.part_mb * 2**20)}
 model = {{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}, "values": {args.values!r}}}}}
 recipe = FedAvgRecipe(name="transfer", model=model,
     model_persistor=PartsPersistor({args.gb}, part_bytes, {args.values!r}) if part_bytes else None,
-    train_args=f"{{part_bytes}} {args.receive} {args.values} {sent_as}",
+    train_args=f"{{part_bytes}} {args.receive} {args.values} {sent_as} {args.delta_weights}",
     min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "transfer_client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
-    aggregator=SampleWeightedFedAvg(compress_weights={args.compress_weights}), enable_tensor_disk_offload=True,
+    aggregator=SampleWeightedFedAvg(compress_weights={args.compress_weights}, delta_weights={bool(args.delta_weights)}),
+    enable_tensor_disk_offload=True,
     server_memory_gc_rounds=1, client_memory_gc_rounds=1)
 for f in ("fl_server.py", "model.py", "host_memory.py", "transport.py"):
     recipe.add_server_file({str(ROOT)!r} + "/" + f)
@@ -303,6 +346,7 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
         print(line[line.index("[transfer]") :])
     print(json.dumps({"env": args.env, "layout": args.layout, "part_mb": args.part_mb, "receive": args.receive,
                       "values": args.values, "compress_weights": args.compress_weights,
+                      "delta_weights": args.delta_weights,
                       "gb": args.gb,
                       "clients": args.clients,
                       "rounds": args.rounds,
@@ -311,6 +355,7 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
                       "peak_rss_gib_by_process": {k: round(v / 2**30, 1) for k, v in
                                                   sorted(peak["by_process"].items(), key=lambda kv: -kv[1])[:6]},
                       "receive_s": receives, "send_s": sends, "served_serialized": serializations(server_log),
+                      "megabytes_per_round": transfer_megabytes(server_log),
                       "receive_MB_per_s": [round(args.gb * 1e3 / s) for s in receives if s > 0],
                       "send_MB_per_s": [round(args.gb * 1e3 / s) for s in sends if s > 0],
                       "cpu_s_per_gb": cpu_per_gb(transfer_phases(server_log), peak["cpu"], peak["by_process"]),

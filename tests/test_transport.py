@@ -177,7 +177,7 @@ def test_pack_gives_back_every_byte_and_compresses_bf16_weights_to_about_two_thi
 @pytest.mark.parametrize("shared", [False, True], ids=["site", "server"])
 def test_packed_items_are_prepared_further_ahead_than_plain_ones(monkeypatch, shared):
     monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 30))
-    params = {f"w{i}": torch.randn(64, 64).bfloat16() for i in range(8)}  # one tensor per item
+    params = {f"w{i}": torch.randn(64, 64).bfloat16() for i in range(transport.PACKED_AHEAD + 3)}  # one per item
     made = {}
     for packed in (False, True):
         transport.SERIALIZED.clear()
@@ -422,3 +422,36 @@ def test_a_delta_of_several_tensors_rebuilds_every_byte():
     delta = transport.encode(new, True, held, list(last))
     assert delta.startswith(transport.DELTA)
     assert transport.unpack(delta, held) == bytes(transport.serialize(new))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_a_reply_carries_as_many_items_as_fit_and_every_tensor_arrives(monkeypatch, packed):
+    """Through NVFlare's own `produce`, as its download asks for replies: small delta items share a reply (one round
+    trip for several), an item larger than what is left goes in the next, and the receiver gets every tensor."""
+    from nvflare.app_opt.pt.tensor_downloader import TensorConsumer
+    from nvflare.fuel.f3.streaming.download_service import ProduceRC
+
+    monkeypatch.setattr(transport, "REPLY_BYTES", 0)  # the reply budget is the one passed below
+    g = torch.Generator().manual_seed(7)
+    last = {f"w{i}": (torch.randn(128, 256, generator=g) * 0.02).bfloat16() for i in range(12)}  # 64 KiB each
+    new = fine_tuned(last, 1e-4)  # a few KiB each as deltas
+    ids = {f"T{i}": v for i, v in enumerate(new.values())}
+    transport.set_references(send=transport.Reference(last, sending=new), receive=transport.Reference(last))
+    try:
+        sender = transport.GroupedTensorDownloadable(dict(ids), 96 * 2**10, packed=packed)
+        consumer = transport.Unpacking(inner := TensorConsumer(None, {}))
+        state, replies = {}, []
+        while True:
+            rc, data, state = sender.produce(state, "site-1")
+            if rc == ProduceRC.EOF:
+                break
+            replies.append(len(data))
+            assert len(data) == 1 or sum(map(len, data)) < 96 * 2**10  # several only where they fit
+            consumer.consume("ref", state, [bytes(item) for item in data])  # as they arrive
+        consumer.download_completed("ref")
+        sender.release()
+    finally:
+        transport.set_references(send=None, receive=None)
+    assert sum(replies) == len(ids)
+    assert (len(replies) < len(ids) / 3) if packed else replies == [1] * len(ids)
+    assert inner.result.keys() == ids.keys() and all(inner.result[k].equal(v) for k, v in ids.items())
