@@ -5,15 +5,17 @@ failed (weight 0 or `ERROR` in its meta) is left out, and when no site contribut
 Per round it also writes `site_metrics.json` (loss, samples, steps, seconds, weight per site) next to the global model.
 With NVFlare's tensor disk offload (job.py turns it on) the sites' results arrive as files on the server's disk; the
 average is then taken a slice at a time when the last result is in, from the mapped files, so the server never holds
-a whole result or an fp32 copy of the model in memory. The average is written into the tensors of the global model it
-replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in row parts
-(transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a background thread.
+a whole result or an fp32 copy of the model in memory. Without deltas the average is written into the tensors of the
+global model it replaces, the initial one in round 0, so the server holds one global model, not two. Tensors sent in
+row parts (transport.py) are averaged into their tensor's rows. The averaged results' files are deleted in a
+background thread.
 The aggregator also has the sites' downloads share each tensor's serialized bytes (`transport.SerializedOnce`),
 compressed with `compress_weights` (`transport.pack`), and drops those bytes once the results are in. The sites'
 results may come as deltas against the global model they trained from, which is the server's current one
 (`transport.Reference`). With `delta_weights`, when every site of the job contributed this round and keeps the
-global model it received (`KEEPS_GLOBAL_MODEL` in its meta), the aggregator copies that model aside (one reused bf16
-copy) before it writes the average over it, and the next global model is sent as a delta against the copy.
+global model it received (`KEEPS_GLOBAL_MODEL` in its meta), that model stays as it is and the next global model is
+sent as a delta against it; the average is written into the tensors of the model before it (the first time, into
+buffers made while the sites train), so two global models take turns with no copy between them.
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start
@@ -121,6 +123,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         self.compress_weights = compress_weights  # NVFlare's job config is written from the attributes
         self.delta_weights = delta_weights
         self._previous: dict[str, torch.Tensor] = {}  # last round's global model, which the sites hold (deltas)
+        self._spare: dict[str, torch.Tensor] = {}  # buffers for the first average, their pages touched ahead
+        self._spare_maker: threading.Thread | None = None
         self._sum: dict[str, torch.Tensor] = {}  # fp32 running sums of results that arrived in memory
         self._dtypes: dict[str, torch.dtype] = {}
         self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
@@ -142,6 +146,9 @@ class SampleWeightedFedAvg(ModelAggregator):
             weights = transport.join(learnable.get(ModelLearnableKey.WEIGHTS) or {})
             self._last_output = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
             self._set_references(send_deltas=False)
+            if self.compress_weights and self.delta_weights:
+                self._spare_maker = threading.Thread(target=self._make_spare, name="spare-global-model")
+                self._spare_maker.start()
         elif event_type == EventType.END_RUN:
             self.wait_for_discard()
 
@@ -205,16 +212,16 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._check_shapes(sources)
         tensors, reused = {}, 0
         send_deltas = self.compress_weights and self.delta_weights and self._every_site_keeps_the_global_model()
+        if self._spare_maker is not None:
+            self._spare_maker.join()
+            self._spare_maker = None
         for name, (shape, parts) in transport.layout({k: tuple(v[0].shape) for k, v in sources.items()}).items():
             dtype = self._dtypes.get(parts[0][0]) or sources[parts[0][0]][0].dtype
-            out = self._last_output.get(name)
-            reusable = out is not None and out.is_contiguous() and out.device.type == "cpu"
-            if not reusable or (tuple(out.shape), out.dtype) != (shape, dtype):
+            out = self._buffer(name, shape, dtype, keep_last=send_deltas)
+            if out is None:
                 out = torch.empty(shape, dtype=dtype)
             else:
                 reused += 1
-            if send_deltas and name in self._last_output:
-                self._keep_previous(name, self._last_output[name])
             for key, rows in parts:
                 self._average(key, on_disk, out if rows is None else out[rows])
             tensors[name] = out
@@ -226,7 +233,10 @@ class SampleWeightedFedAvg(ModelAggregator):
         from_disk = len(self._on_disk)
         files = len({v.path for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
-        self._last_output = tensors
+        # With deltas the sites hold the model just replaced: it stays as it is, as what the next one is sent as a
+        # change from, and the next average goes into its tensors.
+        self._previous = self._last_output if send_deltas else {}
+        self._last_output, self._spare = tensors, {}
         self._set_references(send_deltas, sending=params)
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
@@ -250,12 +260,30 @@ class SampleWeightedFedAvg(ModelAggregator):
         keeping = {r["site"] for r in self._round_records if r["weight"] > 0 and r["keeps_global_model"]}
         return bool(sites) and sites <= keeping
 
-    def _keep_previous(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy the global model's tensor aside before the average overwrites it, into last round's copy."""
-        kept = self._previous.get(name)
-        if kept is None or (kept.shape, kept.dtype) != (tensor.shape, tensor.dtype):
-            kept = self._previous[name] = torch.empty_like(tensor, device="cpu")
-        kept.copy_(tensor)
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, keep_last: bool) -> torch.Tensor | None:
+        """A tensor to write the average of `name` into: the global model before the last one (which no site needs
+        once this round's results are in), a spare one, or, unless `keep_last`, the last one itself; None where
+        none of them fits."""
+        for candidates in (self._previous, self._spare, {} if keep_last else self._last_output):
+            out = candidates.get(name)
+            if (
+                out is not None
+                and out.is_contiguous()
+                and out.device.type == "cpu"
+                and (tuple(out.shape), out.dtype) == (shape, dtype)
+            ):
+                return out
+        return None
+
+    def _make_spare(self) -> None:
+        """Buffers for the first average, in a background thread while the sites train: with deltas the initial
+        model stays as it is (the sites hold it), and touching 4.26 GB of fresh pages took 2 s of round 0's
+        average on the H200 machine."""
+        spare = {}
+        for name, tensor in self._last_output.items():
+            if tensor.device.type == "cpu":
+                spare[name] = torch.empty_like(tensor, memory_format=torch.contiguous_format).zero_()
+        self._spare = spare
 
     def _set_references(self, send_deltas: bool, sending: dict | None = None) -> None:
         """The sites' results are rebuilt from the current global model; what the server sends next (`sending`) goes

@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -46,8 +47,12 @@ def build_model_dir(path: Path, tiny: bool, max_pixels: int) -> Path:
     with torch.device(device):
         config = tiny_config() if tiny else config_2b()
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    build_tiny_processor(min_pixels=784, max_pixels=max_pixels).save_pretrained(path)
+    building = path.with_name(path.name + ".building")  # a failed build leaves no folder taken for a whole one
+    shutil.rmtree(building, ignore_errors=True)
+    model.save_pretrained(building)
+    build_tiny_processor(min_pixels=784, max_pixels=max_pixels).save_pretrained(building)
+    shutil.rmtree(path, ignore_errors=True)
+    building.rename(path)
     return path
 
 

@@ -191,7 +191,7 @@ def test_the_first_average_is_written_into_the_initial_global_model(tmp_path):
     initial = transport.split(random_params(7), 64 * 2)  # "a" (64 x 32 bf16) in row parts, as the persistor sends it
     fl_ctx = FLContext()
     fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
-    aggregator = SampleWeightedFedAvg()
+    aggregator = SampleWeightedFedAvg(delta_weights=False)  # with deltas the sites hold it: it stays as it is
     aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
     sites = [(random_params(i), samples) for i, samples in enumerate((2.0, 1.0))]
     for i, (params, samples) in enumerate(sites):
@@ -235,17 +235,27 @@ def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_la
             aggregator.accept_model(result)
         return aggregator.aggregate_model().params
 
+    spare = aggregator._spare_maker  # buffers for the first average, made while the sites train
     new = round_of(1, {"site-0": True, "site-1": True})
-    assert new["a"] is initial["a"]  # written in place, the copy aside is the model the sites hold
+    assert spare is not None and aggregator._spare_maker is None
+    assert new["a"].data_ptr() != initial["a"].data_ptr()  # the initial model stays: the sites hold it
+    assert transport.SEND_REFERENCE.tensors["a"] is initial["a"]  # as it was, no copy
     assert all(transport.SEND_REFERENCE.tensors[k].equal(before[k]) for k in before)
     assert transport.RECEIVE_REFERENCE.tensors["a"] is new["a"]
-    assert transport.SEND_REFERENCE.item(["a"])["a"].data_ptr() != new["a"].data_ptr()
+    sent = {k: v.clone() for k, v in new.items()}
+    newer = round_of(11, {"site-0": True, "site-1": True})
+    assert newer["a"].data_ptr() == initial["a"].data_ptr()  # two global models take turns: no copy, no new memory
+    assert all(new[k].equal(sent[k]) for k in sent)  # the one sent last round is left as it was
+    assert transport.SEND_REFERENCE.tensors["a"] is new["a"]
     round_of(3, {"site-0": True, "site-1": False})  # one site does not keep it: the next one goes whole
     assert transport.SEND_REFERENCE is None
-    round_of(5, {"site-0": True})  # a site NVFlare dropped (no result) may not hold it either
+    held = round_of(5, {"site-0": True})  # a site NVFlare dropped (no result) may not hold it either
     assert transport.SEND_REFERENCE is None
-    round_of(7, {"site-0": True, "site-1": True})
-    assert transport.SEND_REFERENCE is not None
+    held = {k: v.clone() for k, v in held.items()}
+    round_of(7, {"site-0": True, "site-1": True})  # no spare tensors now: the average goes into new ones
+    assert transport.SEND_REFERENCE is not None and all(
+        transport.SEND_REFERENCE.tensors[k].equal(held[k]) for k in held
+    )
     whole = SampleWeightedFedAvg(delta_weights=False)  # job.py's --no-delta_weights
     whole.handle_event(EventType.START_RUN, fl_ctx)
     round_of(9, {"site-0": True, "site-1": True}, whole)
