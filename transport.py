@@ -6,8 +6,8 @@ these are 622 MB buffers, fresh memory each time (above glibc's largest mmap thr
 once on the server while three sites download or upload. Sent as row ranges of at most 24 MiB (views, no copy), every
 buffer on the way is as small as the model's ordinary matrices. The bytes sent are the same.
 
-Each item also costs the sender and the receiver a fixed amount of work on top of its bytes (a reply of at most 2
-MiB of items per request, a file per item where it is offloaded to disk): the 2B model's 625 tensors (322 of them
+Each item also costs the sender and the receiver a fixed amount of work on top of its bytes (a request and reply per
+item over 2 MiB, a file per item where it is offloaded to disk): the 2B model's 625 tensors (322 of them
 under 2 MiB) and parts move 1.3-1.4x slower per byte than 24 MiB items do. `GroupedTensorDownloadable` sends
 consecutive tensors together as one item (one safetensors blob, which NVFlare's receivers read as the several
 tensors it holds) of at most the largest tensor's size, capped at `PART_BYTES`: 210 items in all for 2B, against
@@ -32,6 +32,12 @@ that did not move a zero. A round of fine-tuning moves a bf16 weight by a step o
 so the delta compresses to a fraction of the weights' bytes (BENCHMARKS.md, session 13). A delta item carries its
 safetensors header as it is and a checksum of the bytes it stands for: a receiver holding other weights than the
 sender's refuses it instead of rebuilding wrong ones.
+
+NVFlare's download asks for one reply at a time, so every reply costs a round trip. A reply carries as many items as
+fit in `REPLY_BYTES` (24 MiB): delta items of a few MB share one, so a delta transfer of the 2B model takes about 30
+round trips instead of 211 (BENCHMARKS.md, session 15). Packed items are encoded `PACKED_AHEAD` ahead of the one sent,
+on a pool of their own (`ENCODERS`), and received ones unpack item by item on another (`UNPACKERS`): each costs 20-35
+ms of a core either way, 177 of them per site and transfer.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -71,7 +77,7 @@ _ROWS = "#rows="
 PACKED = b"FLzstd1\xff"
 DELTA = b"FLzsdd1\xff"  # a delta item's first 8 bytes (`pack` with a reference), likewise no safetensors length
 # Threads that encode packed items, and threads that unpack them, in each process (each pool shared by its downloads):
-# an item costs 20-35 ms of a core either way (2B's 24 MiB items), and a transfer is 177 of them.
+# an item costs 20-35 ms of a core either way (a 24 MiB item on the development machine), and a transfer is 177 of them.
 WORKERS = max(4, min(8, (os.cpu_count() or 4) // 2))
 PACKED_AHEAD = 2 * WORKERS  # packed items a download encodes ahead of the one it sends (GroupedTensorDownloadable)
 UNPACK_AHEAD = 2 * WORKERS  # packed items a download unpacks while it receives more (Unpacking)
