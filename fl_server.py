@@ -27,14 +27,17 @@ are the only copy on the server.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
@@ -136,6 +139,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._round_records: list[dict] = []
         self._history: list[dict] = []
         self._discarder: threading.Thread | None = None  # deletes the averaged results' files (_discard)
+        self._encoding_ahead: list = []  # transport.encode_ahead's tasks for the global model being sent
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
@@ -198,6 +202,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         """
         self._history.extend(self._round_records)
         self._write_history()
+        transport.stop_encoding_ahead(self._encoding_ahead)
+        self._encoding_ahead = []
         made, served = transport.SERIALIZED.clear()  # every site has downloaded the global model by now
         if made:
             self.info(f"the sites' downloads were served {served} tensor items from {made} serializations")
@@ -231,6 +237,8 @@ class SampleWeightedFedAvg(ModelAggregator):
             for key in keys
             for name, rows in [transport.parse(key)]
         }
+        if send_deltas:
+            params = {key: _sent_as_is(value) for key, value in params.items()}
         from_disk = len(self._on_disk)
         files = len({v.path for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
@@ -279,11 +287,16 @@ class SampleWeightedFedAvg(ModelAggregator):
     def _make_spare(self) -> None:
         """Buffers for the first average, in a background thread while the sites train: with deltas the initial
         model stays as it is (the sites hold it). On the H200 machine round 0's average took 4.0-4.1 s against
-        1.7-1.9 s later, about what 4.26 GB of fresh pages cost there (host_memory.py)."""
+        1.7-1.9 s later, about what 4.26 GB of fresh pages cost there (host_memory.py).
+
+        The second average goes into the initial model, whose tensors transformers maps from the checkpoint file
+        copy-on-write: the first write to each page copies it. Round 1's average took 3.7 s against 1.8-1.9 s on
+        the H200 machine (session 16); every page of it is written here instead, with the bytes it holds."""
         spare = {}
         for name, tensor in self._last_output.items():
             if tensor.device.type == "cpu":
                 spare[name] = torch.empty_like(tensor, memory_format=torch.contiguous_format).zero_()
+                _own_pages(tensor)
         self._spare = spare
 
     def _set_references(self, send_deltas: bool, sending: dict | None = None) -> None:
@@ -293,6 +306,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         transport.set_references(send=send, receive=transport.Reference(self._last_output))
         if not send_deltas:
             self._previous = {}
+        elif self.compress_weights and sending:
+            self._encoding_ahead = transport.encode_ahead(sending)
 
     def _discard(self, on_disk: list[tuple[dict, float]]) -> None:
         """Delete the averaged results' files in a background thread, not in the controller's.
@@ -383,6 +398,32 @@ class SampleWeightedFedAvg(ModelAggregator):
             _atomic_write_json(Path(app_root) / SITE_METRICS_FILE, self._history)
 
 
+def _itself(alias: weakref.ref, memo: dict) -> torch.Tensor:
+    return alias()
+
+
+def _sent_as_is(tensor: torch.Tensor) -> torch.Tensor:
+    """An alias of `tensor` that deep-copies as itself.
+
+    NVFlare deep-copies a broadcast task's data before the first site gets it (`wf_comm_server.py`, a copy "against
+    concurrent in-place modifications"): for 2B, 4.26 GB of fresh memory and about a second of Python's interpreter
+    each round, before any site can start its download. A global model sent as a delta stays untouched until the
+    round after next (the next average goes into the model before it), so the copy protects nothing. Python's deep
+    copy takes an instance's own `__deepcopy__`; the alias is new each round, so a model that later goes whole is
+    copied again. `torch.save` cannot pickle the alias: `QwenPersistor` saves detached tensors."""
+    alias = tensor.view(tensor.shape)
+    alias.__deepcopy__ = functools.partial(_itself, weakref.ref(alias))
+    return alias
+
+
+def _own_pages(tensor: torch.Tensor) -> None:
+    """Write every page of a contiguous CPU `tensor` with the bytes it holds (numpy's write leaves torch's
+    version counter, which keys the encoded items being sent, as it is)."""
+    if tensor.is_contiguous() and tensor.numel():
+        data = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+        np.bitwise_or(data, 0, out=data)
+
+
 class QwenPersistor(PTFileModelPersistor):
     """Atomic `FL_global_model.pt` every round; a Hugging Face directory of the global model when the run ends."""
 
@@ -412,7 +453,7 @@ class QwenPersistor(PTFileModelPersistor):
         # The aggregate's own tensors under their own names (row parts are views of them), not a copy: the next
         # round's average overwrites them only after BEFORE_AGGREGATION, on which this persistor waits for the file.
         weights = transport.join(ml.get(ModelLearnableKey.WEIGHTS) or {})
-        weights = {k: materialize(v) if isinstance(v, transport.Parts) else v for k, v in weights.items()}
+        weights = {k: (materialize(v) if isinstance(v, transport.Parts) else v).detach() for k, v in weights.items()}
         self._get_persistence_manager(fl_ctx).update(make_model_learnable(weights, ml.get(ModelLearnableKey.META)))
         self._saver = threading.Thread(target=self._save_file, name="global-model-save")
         self._saver.start()

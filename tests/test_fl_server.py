@@ -4,6 +4,7 @@ Offloaded results are built with NVFlare's own `LazyTensorDict` over safetensors
 hands them to the aggregator.
 """
 
+import copy
 import threading
 import time
 
@@ -241,14 +242,17 @@ def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_la
     assert new["a"].data_ptr() != initial["a"].data_ptr()  # the initial model stays: the sites hold it
     assert transport.SEND_REFERENCE.tensors["a"] is initial["a"]  # as it was, no copy
     assert all(transport.SEND_REFERENCE.tensors[k].equal(before[k]) for k in before)
-    assert transport.RECEIVE_REFERENCE.tensors["a"] is new["a"]
+    assert transport.RECEIVE_REFERENCE.tensors["a"].data_ptr() == new["a"].data_ptr()
+    # NVFlare deep-copies a broadcast task's data: a model sent as a delta copies as itself (aliases of the tensors)
+    assert all(copy.deepcopy(new)[k] is new[k] for k in new)
     sent = {k: v.clone() for k, v in new.items()}
     newer = round_of(11, {"site-0": True, "site-1": True})
     assert newer["a"].data_ptr() == initial["a"].data_ptr()  # two global models take turns: no copy, no new memory
     assert all(new[k].equal(sent[k]) for k in sent)  # the one sent last round is left as it was
-    assert transport.SEND_REFERENCE.tensors["a"] is new["a"]
-    round_of(3, {"site-0": True, "site-1": False})  # one site does not keep it: the next one goes whole
+    assert transport.SEND_REFERENCE.tensors["a"].data_ptr() == new["a"].data_ptr()
+    whole = round_of(3, {"site-0": True, "site-1": False})  # one site does not keep it: the next one goes whole
     assert transport.SEND_REFERENCE is None
+    assert all(copy.deepcopy(whole)[k] is not whole[k] for k in whole)  # and NVFlare's copy of it is a copy
     held = round_of(5, {"site-0": True})  # a site NVFlare dropped (no result) may not hold it either
     assert transport.SEND_REFERENCE is None
     held = {k: v.clone() for k, v in held.items()}
@@ -260,3 +264,17 @@ def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_la
     whole.handle_event(EventType.START_RUN, fl_ctx)
     round_of(9, {"site-0": True, "site-1": True}, whole)
     assert transport.SEND_REFERENCE is None
+
+
+def test_owning_a_tensors_pages_leaves_its_bytes_and_version_as_they_were(tmp_path):
+    """The initial model's tensors are mapped from the checkpoint copy-on-write; writing each page ahead of round 1's
+    average into them must change no byte, and not the version that keys the items being sent meanwhile."""
+    from safetensors.torch import load_file, save_file
+    from transformers.modeling_utils import load_state_dict
+
+    save_file({"w": torch.randn(4096, 64).bfloat16()}, tmp_path / "model.safetensors")
+    mapped = load_state_dict(str(tmp_path / "model.safetensors"))["w"]
+    before, version = mapped.clone(), mapped._version
+    fl_server._own_pages(mapped)
+    assert mapped.equal(before) and mapped._version == version
+    assert load_file(tmp_path / "model.safetensors")["w"].equal(before)  # the file is untouched

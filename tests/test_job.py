@@ -275,6 +275,11 @@ def test_deltas_both_ways_give_back_every_bit(tmp_path, tiny_model_dir, site_dat
     assert initial.keys() == final.keys() and all(torch.equal(initial[k], final[k]) for k in initial)
     server_log = (ws / "server" / "log.txt").read_text()
     assert server_log.count("the next global model goes as a delta") == 2
+    # Each round the server encoded every item once for both sites: in round 1 ahead of their downloads
+    # (transport.encode_ahead), which found those bytes only because NVFlare sent the global model as it is, no copy.
+    n_items = len(transport.group_keys(transport.split(final)))
+    shared = f"the sites' downloads were served {2 * n_items} tensor items from {n_items} serializations"
+    assert server_log.count(shared) == 2, re.findall(r"served \d+ tensor items from \d+ serializations", server_log)
     raw = sum(v.numel() * v.element_size() for v in final.values())
     results = downloaded_bytes(server_log)
     assert len(results) == 4 and all(n < 0.05 * raw for n in results), (results, raw)  # every round, each site

@@ -1,5 +1,7 @@
 """Row parts of large tensors on the wire (transport.py), and the server's average of results sent in parts."""
 
+import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -239,6 +241,51 @@ def test_two_sites_downloads_of_one_state_dict_share_each_items_bytes(monkeypatc
     site_1.release()
     with pytest.raises(RuntimeError, match="after the tensors were released"):
         site_1.produce_item(0)
+
+
+def test_the_global_model_is_encoded_ahead_as_the_sites_downloads_ask_for_it(monkeypatch):
+    """encode_ahead names the tensors as NVFlare does (T0, T1, ... in order), so the downloads find every item
+    encoded already, as deltas against the model before, and encode nothing themselves."""
+    monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=1 << 30))
+    g = torch.Generator().manual_seed(3)
+    before = transport.split(state(3, torch.bfloat16) | {"norm": torch.ones(3, dtype=torch.bfloat16)}, PART // 2)
+    after = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in before.items()}
+    monkeypatch.setattr(transport, "SEND_REFERENCE", transport.Reference(before, after))
+    tasks = transport.encode_ahead(after)
+    transport.stop_encoding_ahead([])  # nothing to stop
+    for task in tasks:
+        task.result(timeout=30)
+    groups = transport.group_keys(after)
+    assert transport.SERIALIZED.made == len(groups) > 1
+    as_nvflare_names_them = {f"T{i}": tensor for i, tensor in enumerate(after.values())}
+    download = transport.GroupedTensorDownloadable(as_nvflare_names_them, 2 * 2**20, transport.SERIALIZED, True)
+    items = [download.produce_item(i) for i in range(download.get_item_count())]
+    assert transport.SERIALIZED.made == len(groups)  # none encoded again
+    assert all(transport.delta_names(item) for item in items)
+    received = {}
+    for item in items:
+        received.update(load(transport.unpack(item, transport.Reference(before))))
+    assert all(received[f"T{i}"].equal(v) for i, v in enumerate(after.values()))
+    download.release()
+
+
+def test_encoding_ahead_stops_at_three_quarters_of_the_budget_and_can_be_stopped(monkeypatch):
+    params = {f"w{i}": torch.randn(256, 256, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(8)}
+    one_item = len(transport.encode({"T0": params["w0"]}, packed=True))
+    monkeypatch.setattr(transport, "SERIALIZED", transport.SerializedOnce(budget=4 * one_item))
+    monkeypatch.setattr(transport, "SEND_REFERENCE", None)  # packed whole
+    monkeypatch.setattr(transport, "AHEAD", concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    for task in transport.encode_ahead(params):
+        task.result(timeout=30)
+    assert 3 <= transport.SERIALIZED.made < len(params)
+    transport.SERIALIZED.clear()
+    gate = threading.Event()
+    transport.AHEAD.submit(gate.wait)  # the one worker is busy: the items wait in the queue
+    tasks = transport.encode_ahead(params)
+    transport.stop_encoding_ahead(tasks)  # before their tensors change: none has started, none will
+    gate.set()
+    transport.AHEAD.shutdown(wait=True)
+    assert all(task.cancelled() for task in tasks) and transport.SERIALIZED.made == 0
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
