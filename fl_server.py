@@ -15,7 +15,9 @@ results may come as deltas against the global model they trained from, which is 
 (`transport.Reference`). With `delta_weights`, when every site of the job contributed this round and keeps the
 global model it received (`KEEPS_GLOBAL_MODEL` in its meta), that model stays as it is and the next global model is
 sent as a delta against it; the average is written into the tensors of the model before it (the first time, into
-buffers made while the sites train), so two global models take turns with no copy between them.
+buffers made while the sites train), so two global models take turns with no copy between them. Such a model is
+encoded for the sites before they ask (`transport.encode_ahead`) and goes without NVFlare's deep copy of the task's
+data (`_sent_as_is`).
 
 `QwenPersistor` is NVFlare's PyTorch file persistor (atomic `FL_global_model.pt` every round, written in the
 background while the next round goes on and finished before the next average overwrites its tensors; optional start

@@ -37,7 +37,8 @@ NVFlare's download asks for one reply at a time, so every reply costs a round tr
 fit in `REPLY_BYTES` (24 MiB): delta items of a few MB share one, so a delta transfer of the 2B model takes about 30
 round trips instead of 211 (BENCHMARKS.md, session 15). Packed items are encoded `PACKED_AHEAD` ahead of the one sent,
 on a pool of their own (`ENCODERS`), and received ones unpack item by item on another (`UNPACKERS`): each costs 20-35
-ms of a core either way, 177 of them per site and transfer.
+ms of a core either way, 177 of them per site and transfer. The server encodes a delta global model's items right
+after the average (`encode_ahead`), before any site asks.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
