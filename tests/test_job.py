@@ -349,7 +349,7 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
 @pytest.mark.skipif(os.environ.get("RUN_POC") != "1", reason="POC mode starts NVFlare services: set RUN_POC=1")
 def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
     proc = run_job(
-        "--env", "poc", "--n_clients", "2", "--num_rounds", "1", "--max_steps", "1",
+        "--env", "poc", "--n_clients", "2", "--num_rounds", "2", "--max_steps", "1",
         "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
         "--model_name_or_path", str(tiny_model_dir), "--master_port", str(free_port_base(2)),
         f"--train_args={demo_train_args()}",
@@ -365,6 +365,11 @@ def test_poc_mode_end_to_end(tiny_model_dir, site_data, synthetic_pubmedvision):
     assert len(site_logs) == 2, results
     for log in site_logs:
         assert "client_api_trainer_1: created adhoc connector" in log.read_text(), log
+    # Round 1's global model went as a delta, encoded once ahead of both sites' downloads, with no copy in between.
+    server_log = next(Path(w) for w in results.split() if w.endswith("workspace/log.txt")).read_text()
+    assert server_log.count("the next global model goes as a delta") == 2
+    shared = re.findall(r"served (\d+) tensor items from (\d+) serializations", server_log)
+    assert len(shared) == 2 and all(int(served) == 2 * int(made) for served, made in shared), shared
 
 
 @pytest.mark.slow
