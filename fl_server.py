@@ -135,6 +135,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average, made once
         self._slice_value: torch.Tensor | None = None
         self._last_output: dict[str, torch.Tensor] = {}  # the global model this aggregator made last round
+        self._last_sent_as_is = False  # whether it went without NVFlare's copy (_sent_as_is): never overwrite it
         self._on_disk: list[tuple[dict, float]] = []  # results offloaded to disk (lazy refs), with their weights
         self._total = 0.0
         self._loss_sum = 0.0
@@ -226,7 +227,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self._spare_maker = None
         for name, (shape, parts) in transport.layout({k: tuple(v[0].shape) for k, v in sources.items()}).items():
             dtype = self._dtypes.get(parts[0][0]) or sources[parts[0][0]][0].dtype
-            out = self._buffer(name, shape, dtype, keep_last=send_deltas)
+            out = self._buffer(name, shape, dtype, keep_last=send_deltas or self._last_sent_as_is)
             if out is None:
                 out = torch.empty(shape, dtype=dtype)
             else:
@@ -241,6 +242,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         }
         if send_deltas:
             params = {key: _sent_as_is(value) for key, value in params.items()}
+        self._last_sent_as_is = send_deltas
         from_disk = len(self._on_disk)
         files = len({v.path for result, _ in on_disk for v in result.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
@@ -410,7 +412,8 @@ def _sent_as_is(tensor: torch.Tensor) -> torch.Tensor:
     NVFlare deep-copies a broadcast task's data before the first site gets it (`wf_comm_server.py`, a copy "against
     concurrent in-place modifications"): for 2B, 4.26 GB of fresh memory and about a second of Python's interpreter
     each round, before any site can start its download. A global model sent as a delta stays untouched until the
-    round after next (the next average goes into the model before it), so the copy protects nothing. Python's deep
+    average after next (the next one goes into the model before it, and every site has downloaded this one before
+    its result counts), so the copy protects nothing. Python's deep
     copy takes an instance's own `__deepcopy__`; the alias is new each round, so a model that later goes whole is
     copied again. `torch.save` cannot pickle the alias: `QwenPersistor` saves detached tensors."""
     alias = tensor.view(tensor.shape)

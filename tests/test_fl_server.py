@@ -260,6 +260,12 @@ def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_la
     assert transport.SEND_REFERENCE is not None and all(
         transport.SEND_REFERENCE.tensors[k].equal(held[k]) for k in held
     )
+    # A model sent without NVFlare's copy is never overwritten, not even by a round that goes whole
+    sent_as_is = round_of(13, {"site-0": True, "site-1": True})
+    kept = {k: v.clone() for k, v in sent_as_is.items()}
+    aggregator._previous = {}  # say the model before it fits no tensor
+    after = round_of(15, {"site-0": True, "site-1": False})
+    assert after["a"].data_ptr() != sent_as_is["a"].data_ptr() and all(sent_as_is[k].equal(kept[k]) for k in kept)
     whole = SampleWeightedFedAvg(delta_weights=False)  # job.py's --no-delta_weights
     whole.handle_event(EventType.START_RUN, fl_ctx)
     round_of(9, {"site-0": True, "site-1": True}, whole)
