@@ -251,6 +251,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._previous = self._last_output if send_deltas else {}
         self._last_output, self._spare = tensors, {}
         self._set_references(send_deltas, sending=params)
+        if send_deltas:
+            self._encoding_ahead = transport.encode_ahead(params)  # the sites' downloads find it encoded
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
         self.info(
@@ -310,8 +312,6 @@ class SampleWeightedFedAvg(ModelAggregator):
         transport.set_references(send=send, receive=transport.Reference(self._last_output))
         if not send_deltas:
             self._previous = {}
-        elif self.compress_weights and sending:
-            self._encoding_ahead = transport.encode_ahead(sending)
 
     def _discard(self, on_disk: list[tuple[dict, float]]) -> None:
         """Delete the averaged results' files in a background thread, not in the controller's.
@@ -413,9 +413,9 @@ def _sent_as_is(tensor: torch.Tensor) -> torch.Tensor:
     concurrent in-place modifications"): for 2B, 4.26 GB of fresh memory and about a second of Python's interpreter
     each round, before any site can start its download. A global model sent as a delta stays untouched until the
     average after next (the next one goes into the model before it, and every site has downloaded this one before
-    its result counts), so the copy protects nothing. Python's deep
-    copy takes an instance's own `__deepcopy__`; the alias is new each round, so a model that later goes whole is
-    copied again. `torch.save` cannot pickle the alias: `QwenPersistor` saves detached tensors."""
+    its result counts), so the copy protects nothing. Python's deep copy takes an instance's own `__deepcopy__`; the
+    alias is new each round, so a model that later goes whole is copied again. `torch.save` cannot pickle the alias:
+    `QwenPersistor` saves detached tensors."""
     alias = tensor.view(tensor.shape)
     alias.__deepcopy__ = functools.partial(_itself, weakref.ref(alias))
     return alias

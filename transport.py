@@ -546,44 +546,6 @@ class SerializedOnce:
 
 
 SERIALIZED = SerializedOnce(2**30)
-AHEAD = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="encode-ahead")
-
-
-def encode_ahead(params: dict[str, Any], shared: SerializedOnce | None = None) -> list[Future]:
-    """Start encoding the packed items of `params` into `shared` (the server's `SERIALIZED`) before any site asks,
-    as the sites' downloads of them will: NVFlare names a message's tensors T0, T1, ... in the order it meets them,
-    and a download groups them as `group_keys` does, against `SEND_REFERENCE`. Stops once the items held take 3/4 of
-    `shared`'s budget (the sites' downloads encode the rest). Returns the tasks, for `stop_encoding_ahead`.
-
-    The server has the new global model a second or more before the first site asks for it, with its cores idle;
-    encoded on request, a reply of delta items waited 67-98 ms for them on the H200 machine (BENCHMARKS.md,
-    session 15)."""
-    shared = SERIALIZED if shared is None else shared
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for value in params.values():
-        if isinstance(value, torch.Tensor) and id(value) not in seen:
-            seen.add(id(value))
-            tensors[f"T{len(tensors)}"] = value
-    reference = SEND_REFERENCE
-    names = {} if reference is None else reference.name_items(tensors)
-
-    def encode_one(keys: list[str]) -> None:
-        if shared.held < shared.budget * 3 // 4:
-            item_names = [names.get(key) for key in keys]
-            item_names = None if None in item_names else item_names
-            shared.get({key: tensors[key] for key in keys}, True, True, reference, item_names)
-
-    return [AHEAD.submit(encode_one, keys) for keys in group_keys(tensors)]
-
-
-def stop_encoding_ahead(tasks: list[Future]) -> None:
-    """Cancel the `encode_ahead` tasks not started and wait for the running ones (before their tensors change)."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # waits; a failed item is encoded again on request, or refused there
 
 
 class GroupedTensorDownloadable(CacheableObject):
@@ -675,6 +637,39 @@ class GroupedTensorDownloadable(CacheableObject):
         for future in ahead:
             future.cancel()
         super().release()
+
+
+AHEAD = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="encode-ahead")
+
+
+def encode_ahead(params: dict[str, Any], shared: SerializedOnce | None = None) -> list[Future]:
+    """Start encoding the packed items of `params` into `shared` (the server's `SERIALIZED`) before any site asks,
+    as the sites' downloads of them will (a `GroupedTensorDownloadable` of the same tensors under the names NVFlare
+    gives a message's tensors: T0, T1, ... in the order it meets them). Stops once the items held take 3/4 of
+    `shared`'s budget (the sites' downloads encode the rest). Returns the tasks, for `stop_encoding_ahead`.
+
+    The server has the new global model a second or more before the first site asks for it, with its cores idle;
+    encoded on request, a reply of delta items waited 67-98 ms for them on the H200 machine (BENCHMARKS.md,
+    session 15)."""
+    shared = SERIALIZED if shared is None else shared
+    unique = {id(value): value for value in params.values() if isinstance(value, torch.Tensor)}
+    tensors = {f"T{i}": value for i, value in enumerate(unique.values())}
+    download = GroupedTensorDownloadable(tensors, REPLY_BYTES, shared, packed=True)
+
+    def encode_one(index: int) -> None:
+        if shared.held < shared.budget * 3 // 4:
+            download._serialize(index, ahead=True)
+
+    return [AHEAD.submit(encode_one, index) for index in range(download.get_item_count())]
+
+
+def stop_encoding_ahead(tasks: list[Future]) -> None:
+    """Cancel the `encode_ahead` tasks not started and wait for the running ones (before their tensors change)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # waits; a failed item is encoded again on request, or refused there
 
 
 def _unpacked(item: bytes | memoryview, reference: Reference | None, as_bytes: bool) -> bytes | bytearray | memoryview:
