@@ -2,17 +2,16 @@
 
 NVFlare launches this under torchrun (one torchrun per site). Rank 0 alone talks to the server; it tells the other
 ranks what to do (train round N, or stop) with `broadcast_object_list`, and the trainer broadcasts the received
-weights to them in place. Every rank trains. Rank 0 sends the updated weights in bf16 with metrics the server
-weighs by (`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights,
-only the error in its meta, so the average ignores it; the site tries again next round.
+weights to them in place. Every rank trains. Rank 0 sends the round's update (`ParamsType.DIFF`: the trainer's fp32
+weights minus the bf16 weights it started from, in bf16, trained parameters only) with metrics the server weighs by
+(`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights, only the error in
+its meta, so the average ignores it; the site tries again next round.
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
 (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors larger than this
-travel in row parts, transport.py), `--compress_weights` (send the weights compressed, lossless: transport.pack),
-`--delta_weights` (with it, keep the received global model on disk until the next one has arrived: the result goes
-as its change from it, and the next one comes as a change from it, transport.Reference); all others go to the
-trainer (`local_trainer.parse_train_args`).
+travel in row parts, transport.py), `--compress_weights` (send the update compressed, lossless: transport.pack); all
+others go to the trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -67,19 +66,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--compress_weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="send the weights compressed, lossless (about two thirds of the bytes for bf16)",
-    )
-    parser.add_argument(
-        "--delta_weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --compress_weights: send and receive the weights as their change from the last global model",
+        help="send the update compressed, lossless (transport.pack)",
     )
     return parser.parse_known_args(argv)
 
 
 def build_trainer(kind: str, train_argv: list[str]) -> Any:
-    """The trainer for `--trainer`: both kinds offer `train_round(global_state) -> TrainResult`."""
+    """The trainer for `--trainer`: both kinds offer `train_round(global_state, ..., round_num) -> TrainResult`."""
     from local_trainer import LocalTrainer, parse_train_args
 
     config = parse_train_args(train_argv)
@@ -129,12 +122,12 @@ def checkpoint_due(mode: str, round_num: int, total_rounds: int | None) -> bool:
 def save_round(
     work_dir: Path, round_num: int, trainer: Any, sent: dict | None, metrics: dict, checkpoint: bool, keep_sent: bool
 ) -> None:
-    """Checkpoint this round if `checkpoint`, dropping older ones (disk use stays flat); if `keep_sent`, also keep
-    exactly what was sent."""
+    """Checkpoint this round if `checkpoint` (every rank calls it), dropping older ones (disk use stays flat); if
+    `keep_sent`, also keep exactly what was sent (the update)."""
     if checkpoint:
         ckpt = work_dir / f"round-{round_num}"
         if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
-            trainer.save_checkpoint(str(ckpt), sent)
+            trainer.save_checkpoint(str(ckpt))
         if RANK == 0:
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
@@ -180,15 +173,20 @@ def receive_to_disk(folder: Path, compress: bool = True) -> bool:
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
 
 
-def keep_for_deltas(received: dict) -> dict | None:
-    """Keep the received global model (NVFlare's files on disk) as what this site's result is sent as a change
-    from, and the next global model is received as a change from (transport.Reference); the one kept before is let
-    go, and NVFlare deletes its files. None, and nothing kept, when the weights arrived in memory (holding them
-    would keep 4.26 GB of host memory for the 2B model)."""
-    held = dict(received) if received and all(map(is_lazy, received.values())) else None
-    reference = None if held is None else transport.Reference(held)
-    transport.set_references(send=reference, receive=reference)
-    return held
+def update_message(result: Any, error: str | None, start: float, part_mb: float) -> FLModel:
+    """What rank 0 sends: the round's update (`ParamsType.DIFF`) with the metrics the server weighs by and logs, or,
+    after a failure, no weights and the error in the meta (weight 0: the average leaves this site out)."""
+    if error is not None:
+        return FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics.setdefault("seconds", time.time() - start)
+    result.metrics = metrics
+    return FLModel(
+        params_type=ParamsType.DIFF,
+        params=transport.split(result.update, int(part_mb * 2**20)),
+        metrics=metrics,
+        meta={"NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
+    )
 
 
 def _exit_on_sigterm(*_) -> None:
@@ -218,32 +216,26 @@ def main(argv: list[str] | None = None) -> None:
     # would keep a normal interpreter exit waiting until the SIGKILL.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    trainer, held = None, None
-    keep_global = RANK == 0 and on_disk and args.compress_weights and args.delta_weights
+    trainer = None
     while True:
-        global_model = flare.receive() if RANK == 0 else None  # a delta from `held` where the server sent one
-        if keep_global and global_model is not None:
-            held = keep_for_deltas(global_model.params)
+        global_model = flare.receive() if RANK == 0 else None
         round_num, total_rounds = broadcast(
             (None, None) if global_model is None else (global_model.current_round, global_model.total_rounds)
         )
         if round_num is None:
             break
 
-        error, result, start = None, None, time.time()
+        error, result, start, tag = None, None, time.time(), f"site={site} round={round_num}:"
         try:
             if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
                 trainer = build_trainer(args.trainer, train_argv)
-            global_state = global_model.params if RANK == 0 else None
-            if global_state is not None:
-                lazy = sum(map(is_lazy, global_state.values()))
-                print(
-                    f"site={site} round={round_num}: received {len(global_state)} tensors ({lazy} on disk)", flush=True
-                )
-                global_state = transport.join(global_state)  # row parts under their tensor's name
+            global_state = None
             if global_model is not None:
+                global_state = transport.join(global_model.params)  # row parts under their tensor's name
+                lazy = sum(map(is_lazy, global_state.values()))
+                print(f"{tag} received {len(global_state)} tensors ({lazy} on disk)", flush=True)
                 global_model.params = None  # the trainer holds the only reference: no extra copy lives on
-            result = trainer.train_round(global_state, release_global_state=True)  # frees it before training
+            result = trainer.train_round(global_state, release_global_state=True, round_num=round_num)
             del global_state
         except Exception as e:  # any failure, OOM included: report it and stay in the federation
             traceback.print_exc()
@@ -255,47 +247,25 @@ def main(argv: list[str] | None = None) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-        if error is None:
-            metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-            metrics.setdefault("seconds", time.time() - start)
-            if RANK != 0:
-                print(f"site={site} round={round_num}: rank {RANK} of {WORLD_SIZE} trained", flush=True)
         if RANK == 0:
+            out = update_message(result, error, start, args.part_mb)
             if error is None:
-                out = FLModel(
-                    params_type=ParamsType.FULL,
-                    params=transport.split(result.state_dict, int(args.part_mb * 2**20)),
-                    metrics=metrics,
-                    meta={
-                        "NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)),
-                        "NUM_SAMPLES": metrics["samples"],
-                        transport.KEEPS_GLOBAL_MODEL: held is not None,
-                    },
-                )
-                if held is not None:  # sent as its change from the global model it was trained from
-                    reference = transport.Reference(held, sending=out.params)
-                    transport.set_references(send=reference, receive=transport.RECEIVE_REFERENCE)
-                print(f"site={site} round={round_num}: sent {len(out.params)} tensors, metrics {metrics}", flush=True)
+                print(f"{tag} sent {len(out.params)} tensors, metrics {out.metrics}", flush=True)
                 for key in ("loss", "samples", "steps", "seconds"):
-                    if key in metrics:
-                        writer.add_scalar(f"train_{key}", metrics[key], round_num)
+                    if key in out.metrics:
+                        writer.add_scalar(f"train_{key}", out.metrics[key], round_num)
             else:
                 print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
-                print(
-                    f"site={site} round={round_num}: sent weight 0 (after error) {hint(error, train_argv)}", flush=True
-                )
-                out = FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
+                print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
             flare.send(out)
         if error is None:  # after sending: the server aggregates while this site writes its checkpoint
             try:
                 due = checkpoint_due(args.checkpoint, round_num, total_rounds)
-                save_round(work_dir, round_num, trainer, result.state_dict, metrics, due, args.save_sent)
+                save_round(work_dir, round_num, trainer, result.update, result.metrics, due, args.save_sent)
             except Exception as e:
-                print(f"site={site} round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
+                print(f"{tag} checkpoint not saved ({type(e).__name__}: {e})", flush=True)
         result = global_model = out = None
 
-    held = None  # the last global model's files go now, whoever still holds them (NVFlare's last upload, say)
-    transport.set_references(send=None, receive=None)
     if RANK == 0:
         for folder in (work_dir / "received").glob("*"):
             shutil.rmtree(folder, ignore_errors=True)

@@ -79,14 +79,7 @@ def define_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--compress_weights", action=argparse.BooleanOptionalAction, default=True,
-        help="send the weights both ways compressed, lossless: about two thirds of the bytes for bf16 "
-        "(--no-compress_weights: as they are)",
-    )  # fmt: skip
-    p.add_argument(
-        "--delta_weights", action=argparse.BooleanOptionalAction, default=True,
-        help="with --compress_weights, send each result, and from round 1 on the global model, as its change from the "
-        "last global model, which both ends hold (lossless; 3-22%% of the raw bytes in the 2B model's measured "
-        "rounds); --no-delta_weights: whole",
+        help="send the global model and the sites' updates compressed, lossless (--no-compress_weights: as they are)",
     )  # fmt: skip
     p.add_argument(
         "--task_request_interval", type=float, default=0.25,
@@ -166,7 +159,6 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
         "--trainer", args.trainer,
         "--part_mb", f"{args.part_mb:g}",
         "--compress_weights" if args.compress_weights else "--no-compress_weights",
-        "--delta_weights" if args.delta_weights else "--no-delta_weights",
         "--model_name_or_path", args.model_name_or_path,
         "--dataset_use", site_dir,
         "--image_root", site_path(args, args.image_root),
@@ -252,7 +244,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         model_persistor=QwenPersistor(
             args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
         ),
-        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights, delta_weights=args.delta_weights),
+        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
         server_expected_format=ExchangeFormat.PYTORCH,  # NumPy has no bf16

@@ -1,14 +1,18 @@
 """Local trainer: one FL client's rounds of supervised fine-tuning of Qwen3-VL on its PubMedVision-style shard.
 
 Built on Hugging Face's `Trainer`, so torchrun DDP, gradient accumulation, LR schedules, logging and `report_to` work
-as usual. The model is held in fp32 (master weights and optimizer state) and computes in bf16 autocast; weights leave
-the trainer as bf16 with Hugging Face keys and without the tied `lm_head.weight`.
+as usual. The model is held in fp32 (master weights and optimizer state) and computes in bf16 autocast. A round
+returns its *update*: the fp32 weights it ends with minus the bf16 weights it started from, cast to bf16, for the
+trained parameters only (Hugging Face keys, no tied `lm_head.weight`). A fine-tuning step moves a weight by far less
+than half a bf16 step, so rounding the trained weights to bf16 would undo most of a round; rounding the update keeps
+8 significant bits of the change itself.
 
 `--fsdp` shards the model over the site's torchrun ranks with FSDP2 instead of replicating it on each (DDP): it is
 loaded sharded once for the whole job (transformers' `from_pretrained(distributed_config=...)`, each decoder layer and
 vision block one unit), and every round's `Trainer` takes it as it is (no DDP wrap, no second sharding). Shards stay
 fp32 under the same bf16 autocast, so a sharded round computes what an unsharded one does. Loading the global
-weights broadcasts rank 0's tensors into the shards; `state_dict()` gathers them to rank 0 one tensor at a time.
+weights broadcasts rank 0's tensors into the shards; the update and `state_dict()` are gathered to rank 0 one tensor at
+a time.
 
 Data rules (see `SFTDataset`):
 - The loss covers assistant tokens only: each answer and its `<|im_end|>`, never the `<|im_start|>assistant\\n`
@@ -43,11 +47,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-import transport
 import varlen_attention
 from model import (
     DEFAULT_MODEL,
     TIED_LM_HEAD,
+    copy_into,
     is_tied,
     load_hf_model,
     materialize,
@@ -64,9 +68,10 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 @dataclass
 class TrainResult:
-    """What one round returns: rank 0 gets bf16 CPU weights (HF keys, no tied lm_head); other ranks get None."""
+    """What one round returns: rank 0 gets the update of every trained parameter (bf16, HF keys, no tied lm_head:
+    fp32 result minus the bf16 start); other ranks get None. Frozen parameters do not move and are left out."""
 
-    state_dict: dict[str, torch.Tensor] | None
+    update: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -100,7 +105,7 @@ class TrainConfig:
         default=torch.cuda.is_available(),
         metadata={"help": "torch.compile each decoder layer and vision block (default: on with a CUDA GPU)"},
     )
-    seed: int = field(default=42, metadata={"help": "round r shuffles its data with seed + r"})
+    seed: int = field(default=42, metadata={"help": "global round r shuffles its data with seed + r"})
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -589,7 +594,7 @@ class LocalTrainer:
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    transport.copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
+                    copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
             if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)
@@ -626,21 +631,28 @@ class LocalTrainer:
         return "; ".join(filter(None, problems))
 
     def train_round(
-        self, global_state: dict[str, torch.Tensor] | None = None, release_global_state: bool = False
+        self,
+        global_state: dict[str, torch.Tensor] | None = None,
+        release_global_state: bool = False,
+        round_num: int | None = None,
     ) -> TrainResult:
-        """Load the global weights, train one round with a fresh optimizer and schedule, return the new weights.
+        """Load the global weights, train one round with a fresh optimizer and schedule, return the round's update.
 
+        `round_num`: the federation's round (the server sends it), which seeds the data order, so a rebuilt trainer or
+        a resumed job does not replay an earlier round's order; default: the rounds this trainer has run.
         `release_global_state`: empty the `global_state` dict once it is loaded, so its host copy (4.26 GB for 2B)
         is freed before training instead of after (client.py does; the caller must not need it afterwards).
         """
         start = time.perf_counter()
+        round_num = self.round if round_num is None else round_num
         self.load_global_state(global_state)
         if release_global_state and global_state is not None:
             global_state.clear()
         set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
+        started_from = self._trained_weights_bf16()
         trainer = _make_round_trainer_class()(
             model=self.model,
-            args=self._training_arguments(),
+            args=self._training_arguments(round_num),
             train_dataset=self.dataset,
             data_collator=self.collator,
             callbacks=self.callbacks,
@@ -653,12 +665,12 @@ class LocalTrainer:
             local = counts.cpu().tolist()
         finally:
             self._release(trainer)
-        logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], self.round)
+        logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], round_num)
         totals = torch.tensor([output.training_loss, *local], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(totals)
             totals[0] /= self.world_size
-        self.round += 1
+        self.round = round_num + 1
         metrics = {
             "loss": float(totals[0]),
             "steps": float(output.global_step),
@@ -667,8 +679,34 @@ class LocalTrainer:
             "truncated_samples": float(totals[3]),
             "seconds": time.perf_counter() - start,
         }
-        state = self.state_dict() if self.rank == 0 or self.fsdp else None  # under FSDP every rank helps gather
-        return TrainResult(state_dict=state, metrics=metrics)
+        return TrainResult(update=self._update_since(started_from), metrics=metrics)
+
+    def _trained_weights_bf16(self) -> dict[str, torch.Tensor]:
+        """A bf16 copy of every trainable parameter as the round starts, where it lives (under FSDP: this rank's
+        shard). The model was loaded from bf16 weights, so the copy is exact: it is what the round started from."""
+        with torch.no_grad():
+            return {
+                key: param.detach().to(torch.bfloat16, copy=True)
+                for key, param in self.model.named_parameters()
+                if param.requires_grad
+            }
+
+    def _update_since(self, started_from: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """fp32 weights now minus `started_from`, rounded to bf16 in `started_from`'s own tensors (no new memory).
+
+        Unsharded the update stays on the model's device (the sender copies it to the host item by item). Under FSDP
+        this is collective: each tensor is gathered in turn; rank 0 gets the update (CPU), the other ranks None.
+        """
+        params = dict(self.model.named_parameters())
+        keep = self.rank == 0 or not self.fsdp
+        update = {}
+        with torch.no_grad():
+            for key, start in started_from.items():
+                start.copy_(params[key].detach() - start)  # fp32 difference, rounded once, to nearest
+                value = _full_tensor(start)
+                if keep:
+                    update[key] = value.to("cpu") if self.fsdp else value
+        return update if keep else None
 
     def _release(self, trainer) -> None:
         """Free the round's optimizer state and undo the round's activation checkpointing, so rounds do not pile up."""
@@ -700,17 +738,14 @@ class LocalTrainer:
                     state[key] = value.to(torch.bfloat16, copy=True).to("cpu" if self.fsdp else value.device)
         return state if keep else None
 
-    def save_checkpoint(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write a Hugging Face directory (bf16 safetensors, config, processor) on rank 0; other ranks do nothing.
+    def save_checkpoint(self, output_dir: str) -> None:
+        """Write the current weights as a Hugging Face directory (bf16 safetensors, config, processor) on rank 0.
 
-        Pass the round's `TrainResult.state_dict` to save it without a second copy of the weights; under FSDP it is
-        required (gathering the weights takes every rank).
+        Call it on every rank: under FSDP gathering the weights takes them all; the other ranks write nothing.
         """
+        state = self.state_dict()
         if self.rank != 0:
             return
-        if state_dict is None and self.fsdp:
-            raise ValueError("save_checkpoint under --fsdp needs the state dict from train_round (rank 0's)")
-        state = state_dict if state_dict is not None else self.state_dict()
         config = self.model.config
         # With its distributed_config, save_pretrained would gather the weights again (every rank): hide it meanwhile.
         sharding, config.distributed_config = getattr(config, "distributed_config", None), None
@@ -728,7 +763,7 @@ class LocalTrainer:
             config.distributed_config = sharding
         self.processor.save_pretrained(output_dir)
 
-    def _training_arguments(self):
+    def _training_arguments(self, round_num: int):
         from transformers import TrainingArguments
 
         c = self.config
@@ -749,9 +784,9 @@ class LocalTrainer:
             activation_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=c.logging_steps,
             report_to=c.report_to,
-            run_name=f"round-{self.round}",
+            run_name=f"round-{round_num}",
             seed=c.seed,
-            data_seed=c.seed + self.round,  # each round sees the data in a new order
+            data_seed=c.seed + round_num,  # each round of the federation sees the data in a new order
             dataloader_num_workers=c.dataloader_num_workers,
             remove_unused_columns=False,  # the collator's sample_counts must reach compute_loss
             save_strategy="no",
@@ -791,10 +826,10 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, RuntimeError) as err:  # bad data, paths or model: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    result = trainer.train_round()
-    trainer.save_checkpoint(config.output_dir, result.state_dict)
+    metrics = trainer.train_round().metrics
+    trainer.save_checkpoint(config.output_dir)
     if trainer.rank == 0:
-        print(json.dumps({**result.metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))
+        print(json.dumps({**metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

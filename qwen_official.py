@@ -239,6 +239,18 @@ def load_trained_state(output_dir: Path) -> dict[str, torch.Tensor]:
     return {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in state.items()}
 
 
+def trained_update(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`trained` minus `start`, computed in fp32 and rounded to bf16, for the tensors that changed."""
+    missing = sorted(start.keys() - trained.keys())
+    if missing:
+        raise OfficialCodeError(f"train_qwen saved no weights for {missing[:3]}")
+    return {
+        key: (trained[key].float() - start[key].float()).to(torch.bfloat16)
+        for key in start
+        if not torch.equal(trained[key], start[key])
+    }
+
+
 def round_metrics(output_dir: Path, cfg: TrainConfig, world_size: int, seconds: float) -> dict[str, float]:
     """loss/steps/samples from the trainer_state.json train_qwen saves; NaN where the official code gives nothing."""
     nan = float("nan")
@@ -325,12 +337,19 @@ class QwenOfficialTrainer:
         return store
 
     def train_round(
-        self, global_state: dict[str, torch.Tensor] | None = None, release_global_state: bool = False
+        self,
+        global_state: dict[str, torch.Tensor] | None = None,
+        release_global_state: bool = False,
+        round_num: int | None = None,
     ) -> TrainResult:
-        """Train one round from `global_state` (rank 0's copy); rank 0 gets the updated weights, others None.
+        """Train one round from `global_state` (rank 0's copy); rank 0 gets the round's update, others None.
 
-        `release_global_state`: empty the dict once written for the official code, before training.
+        The official code trains and saves in its own precision (bf16 weights with `--bf16`), so its update is the
+        difference of two bf16 models: a change below half a bf16 step is lost inside its training, before this
+        code sees it (LocalTrainer keeps fp32 weights and sends the fp32 change). `round_num`: the federation's
+        round, which seeds the data order. `release_global_state`: empty the dict once written, before training.
         """
+        round_num = self.round if round_num is None else round_num
         cfg = self.config
         start = time.perf_counter()
         own_group = self._ensure_process_group()
@@ -346,17 +365,17 @@ class QwenOfficialTrainer:
                     global_state.clear()
             dist.barrier()
             register_fl_site(self.data_module, os.path.abspath(cfg.dataset_use), os.path.abspath(cfg.image_root))
-            argv, sys.argv = sys.argv, train_argv(cfg, model_dir, output_dir, self.round)
+            argv, sys.argv = sys.argv, train_argv(cfg, model_dir, output_dir, round_num)
             try:
                 self.train_qwen.train(attn_implementation=cfg.attn_implementation)
             finally:
                 sys.argv = argv
-            self.round += 1
+            self.round = round_num + 1
             dist.barrier()
             if rank != 0:
-                return TrainResult(state_dict=None, metrics={})
-            state = load_trained_state(output_dir)
-            return TrainResult(state, round_metrics(output_dir, cfg, world_size, time.perf_counter() - start))
+                return TrainResult(update=None, metrics={})
+            update = trained_update(load_trained_state(model_dir), load_trained_state(output_dir))
+            return TrainResult(update, round_metrics(output_dir, cfg, world_size, time.perf_counter() - start))
         finally:
             if own_group:
                 dist.destroy_process_group()

@@ -24,21 +24,13 @@ thirds of the bytes for bf16 weights): a bf16 number's sign and exponent sit in 
 of its 8 bits compressed, while its mantissa byte is close to random. The item's odd and even bytes are compressed as
 two zstd frames. A receiver recognizes a packed item by its prefix, so only the sender chooses.
 
-Where both ends hold the same earlier weights (the global model a site received, which the server still holds when
-the site's result comes back; the previous global model, which the sites kept, when the server sends the next one),
-packed items travel as deltas against them (`Reference`, `set_references`): each number's bits minus the earlier
-number's, zigzag-coded, so that a weight that moved by a few steps of its last bit becomes a small number and one
-that did not move a zero. A round of fine-tuning moves a bf16 weight by a step or two of its last bit, if at all,
-so the delta compresses to a fraction of the weights' bytes (BENCHMARKS.md, session 13). A delta item carries its
-safetensors header as it is and a checksum of the bytes it stands for: a receiver holding other weights than the
-sender's refuses it instead of rebuilding wrong ones.
+The server holds the global model in fp32 and sends it in bf16: its downloads cast each item as they serialize it
+(`serialize_once_for_all_sites(cast=torch.bfloat16)`), so no bf16 copy of the whole model is ever made.
 
 NVFlare's download asks for one reply at a time, so every reply costs a round trip. A reply carries as many items as
-fit in `REPLY_BYTES` (24 MiB): delta items of a few MB share one, so a delta transfer of the 2B model takes about 30
-round trips instead of 211 (BENCHMARKS.md, session 15). Packed items are encoded `PACKED_AHEAD` ahead of the one sent,
-on a pool of their own (`ENCODERS`), and received ones unpack item by item on another (`UNPACKERS`): each costs 20-35
-ms of a core either way, 177 of them per site and transfer. The server encodes a delta global model's items right
-after the average (`encode_ahead`), before any site asks.
+fit in `REPLY_BYTES` (24 MiB). Packed items are encoded `PACKED_AHEAD` ahead of the one sent, on a pool of their own
+(`ENCODERS`), and received ones unpack item by item on another (`UNPACKERS`): each costs 20-35 ms of a core either
+way.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -69,14 +61,13 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.fobs import dots
 from safetensors.torch import save as save_tensors
 
-from model import materialize, tensor_shape
+from model import copy_into, materialize, tensor_shape
 
 PART_BYTES = 24 * 2**20  # job.py's --part_mb default (a test keeps them equal)
 _ROWS = "#rows="
 # A packed item's first 8 bytes. Read as a safetensors header's length (what an unpacked item starts with) they
 # would be over 2**63 bytes, so no unpacked item starts with them.
 PACKED = b"FLzstd1\xff"
-DELTA = b"FLzsdd1\xff"  # a delta item's first 8 bytes (`pack` with a reference), likewise no safetensors length
 # Threads that encode packed items, and threads that unpack them, in each process (each pool shared by its downloads):
 # an item costs 20-35 ms of a core either way (a 24 MiB item on the development machine), and a transfer is 177 of them.
 WORKERS = max(4, min(8, (os.cpu_count() or 4) // 2))
@@ -92,8 +83,10 @@ _ZSTD = zstandard.ZstdCompressionParameters(
 )
 
 
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def nbytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """The tensor's size in bytes, or what it would take in `dtype` (floating-point tensors only)."""
+    cast_to = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.numel() * cast_to.itemsize
 
 
 def split(state: dict[str, Any], part_bytes: int = PART_BYTES) -> dict[str, Any]:
@@ -155,6 +148,11 @@ class Parts:
     def materialize(self) -> torch.Tensor:
         return torch.cat([materialize(value) for _, value in self.pieces])
 
+    def copy_into(self, tensor: torch.Tensor) -> None:
+        """Copy the pieces into their rows of `tensor` one by one (`model.copy_into`), never the whole at once."""
+        for rows, piece in self.pieces:
+            copy_into(tensor[rows], piece)
+
 
 def join(params: dict[str, Any]) -> dict[str, Any]:
     """`params` under the tensors' own names: parts become the tensor they are views of, or a `Parts`."""
@@ -175,19 +173,6 @@ def join(params: dict[str, Any]) -> dict[str, Any]:
         )
         out[name] = base if whole else Parts(pieces, shape)
     return out
-
-
-def copy_into(tensor: torch.Tensor, value: Any) -> None:
-    """Copy a received value (tensor, lazy reference or `Parts`) into `tensor`, onto its device before any cast.
-
-    A blocking CPU-to-GPU `copy_` that also changes the dtype first makes a full copy in the new dtype in host memory
-    (8.5 GB of fresh pages a round for 2B in fp32); moving first, the cast happens on the GPU.
-    """
-    if isinstance(value, Parts):
-        for rows, piece in value.pieces:
-            copy_into(tensor[rows], piece)
-    else:
-        tensor.copy_(materialize(value).to(tensor.device))
 
 
 _SAFETENSORS_DTYPES = {
@@ -242,9 +227,9 @@ def _planes(words: np.ndarray) -> tuple[bytes, bytes]:
     return compressor.compress(high), compressor.compress(low)
 
 
-def _words(high: bytes, low: bytes, what: str, head: bytes | memoryview = b"") -> tuple[bytearray, np.ndarray]:
-    """The 16-bit words `_planes` compressed, from its two frames, written after `head` into one new buffer:
-    (the buffer, its words)."""
+def _words(high: bytes, low: bytes, what: str) -> tuple[bytearray, np.ndarray]:
+    """The 16-bit words `_planes` compressed, from its two frames, written into one new buffer: (the buffer, its
+    words)."""
     decompressor = zstandard.ZstdDecompressor()
     try:
         high, low = decompressor.decompress(high), decompressor.decompress(low)
@@ -252,33 +237,11 @@ def _words(high: bytes, low: bytes, what: str, head: bytes | memoryview = b"") -
         raise ValueError(f"{what} does not decompress: {e}") from e
     if len(high) != len(low):
         raise ValueError(f"{what}'s byte planes differ in size ({len(high)} and {len(low)} bytes)")
-    out = bytearray(len(head) + 2 * len(high))
-    out[: len(head)] = head
-    words = np.frombuffer(out, dtype="<u2", offset=len(head))
+    out = bytearray(2 * len(high))
+    words = np.frombuffer(out, dtype="<u2")
     np.left_shift(np.frombuffer(high, dtype=np.uint8), 8, out=words, dtype=np.uint16)  # 2x faster than strided
     np.bitwise_or(words, np.frombuffer(low, dtype=np.uint8), out=words, dtype=np.uint16)
     return out, words
-
-
-def _checksum(words: np.ndarray) -> int:
-    """The sum of the 16-bit `words`' bytes read as 64-bit numbers (a last few words as themselves), modulo 2**64:
-    one pass at memory speed, where summing the words as 16-bit numbers casts each one (8x slower)."""
-    whole = words.size // 4 * 4
-    total = int(np.sum(words[:whole].view("<u8"))) + int(np.sum(words[whole:], dtype=np.uint64))
-    return total % 2**64
-
-
-def _header_size(blob: bytes | memoryview) -> int:
-    """The size of a safetensors blob's length and header, where its tensors' bytes start."""
-    return 8 + struct.unpack_from("<Q", blob)[0]
-
-
-def _words_of(tensors: list[torch.Tensor]) -> list[np.ndarray] | None:
-    """Each tensor's bytes as 16-bit words: a CPU tensor's without a copy, another device's (a site's trained weights
-    stay on its GPU) copied to the host; None if one is not contiguous or has an odd size."""
-    if not all(t.is_contiguous() and nbytes(t) % 2 == 0 for t in tensors):
-        return None
-    return [t.detach().to("cpu").reshape(-1).view(torch.uint8).numpy().view("<i2") for t in tensors]
 
 
 def pack(blob: bytes | memoryview) -> bytes | memoryview:
@@ -291,190 +254,52 @@ def pack(blob: bytes | memoryview) -> bytes | memoryview:
     return b"".join((PACKED, struct.pack("<Q", len(high)), high, low))
 
 
-def _pack_delta(head: bytes, new: list[np.ndarray], old: list[np.ndarray], names: list[str]) -> bytes:
-    """An item as a delta: `DELTA`; the header's size, a checksum of the new words, the first frame's length and the
-    names' length; the tensors' state dict `names` (JSON), the item's safetensors `head`er, then the zigzag-coded
-    difference of each 16-bit word of the `new` tensors from the `old` ones (tensor by tensor, the same sizes), as
-    two zstd frames (its high and low bytes)."""
-    delta, at = np.empty(sum(piece.size for piece in new), "<i2"), 0
-    for new_words, old_words in zip(new, old, strict=True):  # wraps around: int16 arithmetic
-        np.subtract(new_words, old_words, out=delta[at : at + new_words.size])
-        at += new_words.size
-    zigzag = np.left_shift(delta, 1)
-    np.bitwise_xor(zigzag, np.right_shift(delta, 15, out=delta), out=zigzag)  # -1 -> 1, 1 -> 2, 0 -> 0
-    high, low = _planes(zigzag.view("<u2"))
-    named = json.dumps(names).encode()
-    checksum = sum(_checksum(piece.view("<u2")) for piece in new) % 2**64
-    sizes = struct.pack("<QQQQ", len(head), checksum, len(high), len(named))
-    return b"".join((DELTA, sizes, named, head, high, low))
-
-
 def is_packed(item: bytes | memoryview) -> bool:
-    """Whether `item` was made by `pack` (its prefix), as a delta or not."""
-    return memoryview(item)[: len(PACKED)] in (PACKED, DELTA)
+    """Whether `item` was made by `pack` (its prefix)."""
+    return memoryview(item)[: len(PACKED)] == PACKED
 
 
-_DELTA_SIZES = len(DELTA) + 32
-
-
-def _delta_parts(view: memoryview) -> tuple[list[str], dict, memoryview, int, int, int]:
-    """A delta item's tensor names, its safetensors header (parsed, and as bytes), checksum, where its frames start
-    and the first frame's size."""
-    if len(view) < _DELTA_SIZES:
-        raise ValueError(f"a delta item of {len(view)} bytes is cut short")
-    start, checksum, high_size, names_size = struct.unpack_from("<QQQQ", view, len(DELTA))
-    header = view[_DELTA_SIZES + names_size : _DELTA_SIZES + names_size + start]
-    if start < 8 or len(header) < start:
-        raise ValueError(f"a delta item of {len(view)} bytes is cut short")
-    try:
-        names = json.loads(bytes(view[_DELTA_SIZES : _DELTA_SIZES + names_size]))
-        parsed = json.loads(bytes(header[8:]))
-    except ValueError as e:
-        raise ValueError(f"a delta item's names or safetensors header do not read: {e}") from e
-    parsed.pop("__metadata__", None)
-    if len(names) != len(parsed):
-        raise ValueError(f"a delta item names {len(names)} tensors and holds {len(parsed)}")
-    return names, parsed, header, checksum, _DELTA_SIZES + names_size + start, high_size
-
-
-def delta_names(item: bytes | memoryview) -> list[str] | None:
-    """The state dict names of the tensors a delta item (`pack` with a reference) holds; None for any other item."""
-    view = memoryview(item)
-    return _delta_parts(view)[0] if view[: len(DELTA)] == DELTA else None
-
-
-def unpack(item: bytes | memoryview, reference: Reference | None = None) -> bytes | bytearray | memoryview:
+def unpack(item: bytes | memoryview) -> bytes | bytearray | memoryview:
     """The blob `pack` made `item` from (a bytearray, written in place: NVFlare's in-memory receiver takes only
-    bytes, its disk offload any buffer); any other item as it is. A delta item is rebuilt from `reference` (the
-    weights it was made against), and refused when this process holds other weights or none."""
+    bytes, its disk offload any buffer); any other item as it is."""
     if not is_packed(item):
         return item
     view = memoryview(item)
-    if view[: len(DELTA)] == DELTA:
-        return _undelta(view, reference)
     if len(view) < 16:
         raise ValueError(f"a packed item of {len(view)} bytes is cut short")
     (odd_size,) = struct.unpack_from("<Q", view, 8)
     return _words(view[16 : 16 + odd_size], view[16 + odd_size :], "a packed item")[0]
 
 
-def _undelta(view: memoryview, reference: Reference | None) -> bytearray:
-    names, parsed, header, checksum, body, high_size = _delta_parts(view)
-    shown = f"{names[:3]}{'...' if len(names) > 3 else ''}"
-    held = None if reference is None else reference.item(names)
-    if held is None:
-        raise ValueError(
-            f"a delta item of {shown} needs the weights it was made against (the last global model), and this "
-            "process holds none for it"
-        )
-    described = [(spec.get("dtype"), list(spec.get("shape", []))) for spec in parsed.values()]
-    if described != [(_SAFETENSORS_DTYPES.get(t.dtype), list(t.shape)) for t in held.values()]:
-        raise ValueError(f"a delta item of {shown}: the weights held here differ from it in shape or dtype")
-    old = _words_of(list(held.values()))
-    if old is None:  # as a serialized item instead
-        blob = memoryview(serialize(held)).cast("B")
-        old = [np.frombuffer(blob[_header_size(blob) :], "<i2")]
-    out, zigzag = _words(view[body : body + high_size], view[body + high_size :], "a delta item", header)
-    if zigzag.size != sum(piece.size for piece in old):
-        raise ValueError(
-            f"a delta item of {shown} holds {zigzag.size * 2} bytes, its tensors {2 * sum(p.size for p in old)}"
-        )
-    sign = np.negative(np.bitwise_and(zigzag, 1).view("<i2"))  # 0 or -1
-    delta = np.right_shift(zigzag, 1, out=zigzag).view("<i2")
-    np.bitwise_xor(delta, sign, out=delta)
-    at, rebuilt = 0, 0
-    for piece in old:  # the rebuilt words, in `out` after the header
-        new = delta[at : at + piece.size]
-        np.add(new, piece, out=new)
-        rebuilt += _checksum(new.view("<u2"))
-        at += piece.size
-    if rebuilt % 2**64 != checksum:
-        raise ValueError(
-            f"a delta item of {shown} was made against other weights than the ones this process holds "
-            "(its checksum does not match)"
-        )
-    return out
+def cast(item: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`item` with its floating-point tensors in `dtype` (None: as they are)."""
+    if dtype is None:
+        return item
+    return {k: t.to(dtype) if t.is_floating_point() else t for k, t in item.items()}
 
 
-class Reference:
-    """Weights this process and its peer both hold (name -> tensor or NVFlare's lazy reference to one): what delta
-    items are made against when sent and rebuilt from when received. A part's name (`split`) is found as itself or
-    as its rows of the tensor under its name. `sending`: the state dict about to be sent; NVFlare hands the
-    downloads its tensors in order under item names of its own (the server's as a copy), and `name_items` gives them
-    their names back. A wrong name costs compression, not correctness: both ends use the same held tensor, and the
-    checksum holds the result to the bytes sent."""
-
-    def __init__(self, tensors: dict[str, Any], sending: dict[str, Any] | None = None):
-        self.tensors, self.sending = tensors, sending
-
-    def name_items(self, items: dict[str, torch.Tensor]) -> dict[str, str]:
-        """The state dict name of each of a download's tensors (item name -> tensor, in the order sent): the keys
-        themselves without `sending`, else `sending`'s names in order where its tensors agree in shape and dtype."""
-        if self.sending is None:
-            return {key: key for key in items}
-        if len(items) != len(self.sending):
-            return {}
-        return {
-            key: name
-            for (key, tensor), (name, sent) in zip(items.items(), self.sending.items(), strict=True)
-            if isinstance(tensor, torch.Tensor)
-            and (tuple(tensor.shape), tensor.dtype) == (tuple(tensor_shape(sent)), getattr(sent, "dtype", None))
-        }
-
-    def item(self, names: list[str]) -> dict[str, torch.Tensor] | None:
-        """The held tensors of `names`; None if one of them is not held."""
-        out = {}
-        for key in names:
-            value = self.tensors.get(key)
-            if value is None:
-                name, rows = parse(key)
-                whole = self.tensors.get(name) if rows is not None else None
-                if whole is None:
-                    return None
-                value = materialize(whole)[rows]
-            out[key] = materialize(value)
-        return out
+def encode(item: dict[str, torch.Tensor], packed: bool, dtype: torch.dtype | None = None) -> bytes | memoryview:
+    """The bytes `item` travels as: its floating-point tensors in `dtype` (None: as they are), serialized, and
+    packed when `packed`."""
+    blob = serialize(cast(item, dtype))
+    return pack(blob) if packed else blob
 
 
-KEEPS_GLOBAL_MODEL = "KEEPS_GLOBAL_MODEL"  # a result's meta: its site holds the global model it trained from
-SEND_REFERENCE: Reference | None = None  # what this process's downloads make delta items against
-RECEIVE_REFERENCE: Reference | None = None  # what it rebuilds received delta items from
-
-
-def set_references(send: Reference | None, receive: Reference | None) -> None:
-    """The weights this process's peers hold too, for what it sends from now on, and for what it receives."""
-    global SEND_REFERENCE, RECEIVE_REFERENCE
-    SEND_REFERENCE, RECEIVE_REFERENCE = send, receive
-
-
-def encode(
-    item: dict[str, torch.Tensor], packed: bool, reference: Reference | None = None, names: list[str] | None = None
-) -> bytes | memoryview:
-    """The bytes `item` travels as: serialized, and packed when `packed`: as a delta where `reference` holds its
-    tensors under their state dict `names` (in the same shapes and dtypes)."""
-    if not packed:
-        return serialize(item)
-    held = None if reference is None or names is None else reference.item(names)
-    described = [(t.dtype, tuple(t.shape)) for t in item.values()]
-    if held is not None and described == [(t.dtype, tuple(t.shape)) for t in held.values()]:
-        head, new, old = _header(item), _words_of(list(item.values())), _words_of(list(held.values()))
-        if head is not None and new is not None and old is not None:
-            return _pack_delta(head, new, old, names)  # straight from the tensors: no serialized copy of either
-    return pack(serialize(item))
-
-
-def group_keys(tensors: dict[str, torch.Tensor], cap: int = PART_BYTES) -> list[list[str]]:
-    """The keys of `tensors` in order, cut into runs of at most the largest tensor's size (at most `cap`) in bytes;
-    a tensor larger than that is a run of its own."""
-    limit = min(cap, max(map(nbytes, tensors.values()), default=0))
+def group_keys(
+    tensors: dict[str, torch.Tensor], cap: int = PART_BYTES, dtype: torch.dtype | None = None
+) -> list[list[str]]:
+    """The keys of `tensors` in order, cut into runs of at most the largest tensor's size (at most `cap`) in bytes
+    (as sent: in `dtype`, if given); a tensor larger than that is a run of its own."""
+    sizes = {key: nbytes(tensor, dtype) for key, tensor in tensors.items()}
+    limit = min(cap, max(sizes.values(), default=0))
     groups: list[list[str]] = []
     size = 0
-    for key, tensor in tensors.items():
-        if not groups or size + nbytes(tensor) > limit:
+    for key in tensors:
+        if not groups or size + sizes[key] > limit:
             groups.append([])
             size = 0
         groups[-1].append(key)
-        size += nbytes(tensor)
+        size += sizes[key]
     return groups
 
 
@@ -498,12 +323,11 @@ class SerializedOnce:
         item: dict[str, torch.Tensor],
         ahead: bool = False,
         packed: bool = False,
-        reference: Reference | None = None,
-        names: list[str] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> bytes | memoryview:
         """The item's bytes (its tensors under their names), serialized now or earlier; `ahead`: a look-ahead, not
-        counted as served; `packed`: compressed (`pack`), against `reference` where it holds the tensors' `names`."""
-        key = (packed, id(reference)) + tuple(
+        counted as served; `packed`: compressed (`pack`); `dtype`: floating-point tensors cast to it first."""
+        key = (packed, dtype) + tuple(
             (name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version) for name, t in item.items()
         )
         with self.lock:
@@ -516,7 +340,7 @@ class SerializedOnce:
         if not mine:
             return entry.result()
         try:
-            data = encode(item, packed, reference, names)
+            data = encode(item, packed, dtype)
         except BaseException as e:
             with self.lock:
                 self.entries.pop(key, None)
@@ -552,14 +376,13 @@ class GroupedTensorDownloadable(CacheableObject):
     """NVFlare's download of a state dict (item name -> tensor) in items of several tensors each (`group_keys`).
 
     `shared`: serialize each item once for all the downloads that ask for it (the server's `SERIALIZED`); None: each
-    download serializes its own (a site, sending to the server alone). `packed`: send the items compressed (`pack`),
-    as deltas against `SEND_REFERENCE` as it was when the download was made (where it holds their tensors).
+    download serializes its own (a site, sending to the server alone). `packed`: send the items compressed (`pack`).
+    `dtype`: send floating-point tensors in this dtype (the server's fp32 global model goes in bf16).
 
-    A reply carries as many items as fit in `REPLY_BYTES` (NVFlare's `produce` fills it from `get_item_size`). NVFlare's
-    download asks for one reply at a time, so each reply costs a round trip: deltas are a few MB per 24 MiB item,
-    and one item per reply made a transfer 211 round trips whatever its bytes. Packed items are encoded
-    `PACKED_AHEAD` ahead of the one sent, on `ENCODERS`, so that a reply's items are ready when it is asked for;
-    plain ones one ahead, as NVFlare's own download does.
+    A reply carries as many items as fit in `REPLY_BYTES` (NVFlare's `produce` fills it from `get_item_size`): NVFlare's
+    download asks for one reply at a time, so each reply costs a round trip. Packed items are encoded `PACKED_AHEAD`
+    ahead of the one sent, on `ENCODERS`, so that a reply's items are ready when it is asked for; plain ones one
+    ahead, as NVFlare's own download does.
     """
 
     def __init__(
@@ -568,10 +391,10 @@ class GroupedTensorDownloadable(CacheableObject):
         max_chunk_size: int,
         shared: SerializedOnce | None = None,
         packed: bool = False,
+        dtype: torch.dtype | None = None,
     ):
-        self.groups, self.shared, self.packed = group_keys(tensors), shared, packed
-        self.reference = SEND_REFERENCE if packed else None
-        self.names = {} if self.reference is None else self.reference.name_items(tensors)
+        self.groups = group_keys(tensors, dtype=dtype)
+        self.shared, self.packed, self.dtype = shared, packed, dtype
         self._ahead: dict[int, Future] = {}
         self._submitted = 0  # the items before it have been submitted or produced
         self._ahead_lock = threading.Lock()
@@ -586,7 +409,7 @@ class GroupedTensorDownloadable(CacheableObject):
         if tensors is None:
             return None
         if not self.packed:
-            return sum(nbytes(tensors[k]) for k in self.groups[index])
+            return sum(nbytes(tensors[k], self.dtype) for k in self.groups[index])
         with self._ahead_lock:
             future = self._ahead.get(index)
         if future is None or not future.done() or future.cancelled() or future.exception() is not None:
@@ -598,11 +421,9 @@ class GroupedTensorDownloadable(CacheableObject):
         if tensors is None:
             raise RuntimeError(f"item {index} requested after the tensors were released")
         item = {key: tensors[key] for key in self.groups[index]}
-        names = [self.names.get(key) for key in item]
-        names = None if None in names else names
         if self.shared is not None:
-            return self.shared.get(item, ahead, self.packed, self.reference, names)
-        return encode(item, self.packed, self.reference, names)
+            return self.shared.get(item, ahead, self.packed, self.dtype)
+        return encode(item, self.packed, self.dtype)
 
     def _read_ahead(self, start: int) -> None:
         """Start encoding the items from `start` on, `PACKED_AHEAD` of them when packed, else one."""
@@ -639,47 +460,13 @@ class GroupedTensorDownloadable(CacheableObject):
         super().release()
 
 
-AHEAD = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="encode-ahead")
-
-
-def encode_ahead(params: dict[str, Any], shared: SerializedOnce | None = None) -> list[Future]:
-    """Start encoding the packed items of `params` into `shared` (the server's `SERIALIZED`) before any site asks,
-    as the sites' downloads of them will (a `GroupedTensorDownloadable` of the same tensors under the names NVFlare
-    gives a message's tensors: T0, T1, ... in the order it meets them). Stops once the items held take 3/4 of
-    `shared`'s budget (the sites' downloads encode the rest). Returns the tasks, for `stop_encoding_ahead`.
-
-    The server has the new global model a second or more before the first site asks for it, with its cores idle;
-    encoded on request, a reply of delta items waited 67-98 ms for them on the H200 machine (BENCHMARKS.md,
-    session 15)."""
-    shared = SERIALIZED if shared is None else shared
-    unique = {id(value): value for value in params.values() if isinstance(value, torch.Tensor)}
-    tensors = {f"T{i}": value for i, value in enumerate(unique.values())}
-    download = GroupedTensorDownloadable(tensors, REPLY_BYTES, shared, packed=True)
-
-    def encode_one(index: int) -> None:
-        if shared.held < shared.budget * 3 // 4:
-            download._serialize(index, ahead=True)
-
-    return [AHEAD.submit(encode_one, index) for index in range(download.get_item_count())]
-
-
-def stop_encoding_ahead(tasks: list[Future]) -> None:
-    """Cancel the `encode_ahead` tasks not started and wait for the running ones (before their tensors change)."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # waits; a failed item is encoded again on request, or refused there
-
-
-def _unpacked(item: bytes | memoryview, reference: Reference | None, as_bytes: bool) -> bytes | bytearray | memoryview:
-    item = unpack(item, reference)
+def _unpacked(item: bytes | memoryview, as_bytes: bool) -> bytes | bytearray | memoryview:
+    item = unpack(item)
     return bytes(item) if as_bytes and isinstance(item, bytearray) else item
 
 
 class Unpacking(Consumer):
-    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`, delta items rebuilt from
-    `RECEIVE_REFERENCE`), in order, in the download's thread.
+    """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in order, in the download's thread.
 
     NVFlare's download asks for the next reply while this one is consumed, but never for two: with the consumer
     slower than a reply, the consumer sets the pace. Packed items are unpacked on `UNPACKERS` threads, each item a
@@ -699,8 +486,8 @@ class Unpacking(Consumer):
         if not self.waiting and not any(is_packed(item) for item in data):
             self.inner.consume(ref_id, state, data)
             return state
-        reference, as_bytes = RECEIVE_REFERENCE, not isinstance(self.inner, DiskTensorConsumer)
-        self.waiting.append((state, [UNPACKERS.submit(_unpacked, item, reference, as_bytes) for item in data]))
+        as_bytes = not isinstance(self.inner, DiskTensorConsumer)
+        self.waiting.append((state, [UNPACKERS.submit(_unpacked, item, as_bytes) for item in data]))
         self.items_waiting += len(data)
         while self.items_waiting - len(self.waiting[0][1]) >= UNPACK_AHEAD:
             self._hand_over_first(ref_id)
@@ -731,12 +518,12 @@ class GroupedTensorDecomposer(TensorDecomposer):
 
     shared: SerializedOnce | None = None
 
-    def __init__(self, packed: bool = False):
+    def __init__(self, packed: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
-        self.packed = packed
+        self.packed, self.dtype = packed, dtype
 
     def to_downloadable(self, items: dict, max_chunk_size: int, fobs_ctx: dict) -> GroupedTensorDownloadable:
-        return GroupedTensorDownloadable(items, max_chunk_size, self.shared, self.packed)
+        return GroupedTensorDownloadable(items, max_chunk_size, self.shared, self.packed, self.dtype)
 
     def _download(
         self,
@@ -781,9 +568,9 @@ class _SharedTensorDecomposer(GroupedTensorDecomposer):
     shared = SERIALIZED
 
 
-def serialize_once_for_all_sites(packed: bool = False) -> bool:
-    """Have this process's tensor downloads send grouped items, compressed when `packed`, and share their serialized
-    bytes (`SERIALIZED`); call it before NVFlare registers its own tensor decomposer (FOBS keeps the first). False
-    where another one was registered first."""
-    fobs.register(_SharedTensorDecomposer(packed))
+def serialize_once_for_all_sites(packed: bool = False, dtype: torch.dtype | None = None) -> bool:
+    """Have this process's tensor downloads send grouped items, floating-point tensors in `dtype` (None: as they
+    are), compressed when `packed`, and share their serialized bytes (`SERIALIZED`); call it before NVFlare registers
+    its own tensor decomposer (FOBS keeps the first). False where another one was registered first."""
+    fobs.register(_SharedTensorDecomposer(packed, dtype))
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), _SharedTensorDecomposer)
