@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         result = global_model = out = None
 
     if RANK == 0:
+        transport.shutdown()
         for folder in (work_dir / "received").glob("*"):
             shutil.rmtree(folder, ignore_errors=True)
     if WORLD_SIZE > 1 and dist.is_initialized():

@@ -125,6 +125,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._global: dict[str, torch.Tensor] = {}  # the fp32 global model, under the tensors' own names
         self._keys: list[str] = []  # its keys as sent to the sites (row parts, transport.split)
         self._sum: dict[str, torch.Tensor] = {}  # fp32 weighted sums of updates that arrived in memory
+        self._misshapen: dict[str, set] = {}  # shapes of in-memory updates that did not match their sum's
         self._slice_sum: torch.Tensor | None = None  # the fp32 buffers of _average_into, made once
         self._slice_value: torch.Tensor | None = None
         self._on_disk: list[tuple[dict, float]] = []  # updates offloaded to disk (lazy refs), with their weights
@@ -145,9 +146,10 @@ class SampleWeightedFedAvg(ModelAggregator):
             self._global = {k: v for k, v in transport.join(weights).items() if isinstance(v, torch.Tensor)}
         elif event_type == EventType.END_RUN:
             self.wait_for_discard()
+            transport.shutdown()
 
     def reset_stats(self) -> None:
-        self._sum, self._on_disk = {}, []
+        self._sum, self._misshapen, self._on_disk = {}, {}, []
         self._total, self._loss_sum, self._round_records = 0.0, 0.0, []
 
     def accept_model(self, model: FLModel) -> None:
@@ -174,12 +176,17 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._round_records.append(record)
 
     def _add(self, params: dict, weight: float) -> None:
+        """Add an update that arrived in memory to the weighted sums; a tensor in another shape than the one summed
+        so far is kept out of them and refused in `aggregate_model`, before anything changes."""
         for key, value in params.items():
             value = materialize(value)
-            if key not in self._sum:
+            held = self._sum.get(key)
+            if held is None:
                 self._sum[key] = value.to(torch.float32, copy=True).mul_(weight)
+            elif tuple(held.shape) != tuple(value.shape):
+                self._misshapen.setdefault(key, set()).add(tuple(value.shape))
             else:
-                self._sum[key].add_(value, alpha=weight)
+                held.add_(value, alpha=weight)
 
     def aggregate_model(self) -> FLModel:
         """The new global model: the fp32 global plus the weighted average of this round's updates, in place.
@@ -232,6 +239,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             target = self._global[name] if rows is None else self._global[name][rows]
             shapes = {tuple(update[key].shape) for update, _ in on_disk if key in update}
             shapes |= {tuple(self._sum[key].shape)} if key in self._sum else set()
+            shapes |= self._misshapen.get(key, set())
             if shapes != {tuple(target.shape)}:
                 raise ValueError(f"the sites sent {key!r} in shapes {sorted(shapes)}; the global model's is "
                                  f"{tuple(target.shape)}")  # fmt: skip

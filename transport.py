@@ -25,12 +25,12 @@ of its 8 bits compressed, while its mantissa byte is close to random. The item's
 two zstd frames. A receiver recognizes a packed item by its prefix, so only the sender chooses.
 
 The server holds the global model in fp32 and sends it in bf16: its downloads cast each item as they serialize it
-(`serialize_once_for_all_sites(cast=torch.bfloat16)`), so no bf16 copy of the whole model is ever made.
+(`serialize_once_for_all_sites(dtype=torch.bfloat16)`), so no bf16 copy of the whole model is ever made.
 
 NVFlare's download asks for one reply at a time, so every reply costs a round trip. A reply carries as many items as
 fit in `REPLY_BYTES` (24 MiB). Packed items are encoded `PACKED_AHEAD` ahead of the one sent, on a pool of their own
-(`ENCODERS`), and received ones unpack item by item on another (`UNPACKERS`): each costs 20-35 ms of a core either
-way.
+(`pool("encode")`), and received ones unpack item by item on another (`pool("unpack")`): each costs 20-35 ms of a
+core either way. `shutdown()` stops those threads at the end of a job.
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -63,7 +63,7 @@ from safetensors.torch import save as save_tensors
 
 from model import copy_into, materialize, tensor_shape
 
-PART_BYTES = 24 * 2**20  # job.py's --part_mb default (a test keeps them equal)
+PART_BYTES = 24 * 2**20  # job.py's --part_mb default
 _ROWS = "#rows="
 # A packed item's first 8 bytes. Read as a safetensors header's length (what an unpacked item starts with) they
 # would be over 2**63 bytes, so no unpacked item starts with them.
@@ -74,8 +74,28 @@ WORKERS = max(4, min(8, (os.cpu_count() or 4) // 2))
 PACKED_AHEAD = 2 * WORKERS  # packed items a download encodes ahead of the one it sends (GroupedTensorDownloadable)
 UNPACK_AHEAD = 2 * WORKERS  # packed items a download unpacks while it receives more (Unpacking)
 REPLY_BYTES = PART_BYTES  # a download's reply carries items up to this many bytes, as many as fit
-ENCODERS = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="encode")
-UNPACKERS = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="unpack")
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool(name: str) -> ThreadPoolExecutor:
+    """This process's pool of `WORKERS` threads called `name` ("encode" or "unpack"), made on first use."""
+    with _POOLS_LOCK:
+        if name not in _POOLS:
+            _POOLS[name] = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name)
+        return _POOLS[name]
+
+
+def shutdown() -> None:
+    """Stop the threads this module started (at the end of a job: NVFlare warns of threads still running at exit);
+    a later transfer starts new ones."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for executor in pools:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
 # zstd's fastest match search, over a small window: the bytes are numbers, not text, so longer searches find next
 # to nothing; the compression comes from coding the exponent bytes' skewed values.
 _ZSTD = zstandard.ZstdCompressionParameters(
@@ -381,7 +401,7 @@ class GroupedTensorDownloadable(CacheableObject):
 
     A reply carries as many items as fit in `REPLY_BYTES` (NVFlare's `produce` fills it from `get_item_size`): NVFlare's
     download asks for one reply at a time, so each reply costs a round trip. Packed items are encoded `PACKED_AHEAD`
-    ahead of the one sent, on `ENCODERS`, so that a reply's items are ready when it is asked for; plain ones one
+    ahead of the one sent, on `pool("encode")`, so that a reply's items are ready when it is asked for; plain ones one
     ahead, as NVFlare's own download does.
     """
 
@@ -432,7 +452,7 @@ class GroupedTensorDownloadable(CacheableObject):
         stop = min(start + (PACKED_AHEAD if self.packed else 1), len(self.groups))
         with self._ahead_lock:
             for index in range(max(start, self._submitted), stop):
-                self._ahead[index] = ENCODERS.submit(self._serialize, index, True)
+                self._ahead[index] = pool("encode").submit(self._serialize, index, True)
             self._submitted = max(self._submitted, stop)
 
     def produce_item(self, index: int) -> bytes | memoryview:
@@ -469,7 +489,7 @@ class Unpacking(Consumer):
     """Hands NVFlare's consumer `inner` each received item unpacked (`unpack`), in order, in the download's thread.
 
     NVFlare's download asks for the next reply while this one is consumed, but never for two: with the consumer
-    slower than a reply, the consumer sets the pace. Packed items are unpacked on `UNPACKERS` threads, each item a
+    slower than a reply, the consumer sets the pace. Packed items are unpacked on `pool("unpack")` threads, each item a
     task of its own (zstd and numpy leave Python's interpreter free), and a reply's items are handed over once more
     than `UNPACK_AHEAD` items wait after them, or at the end, so the download keeps asking while they unpack. Plain
     items go straight through when none is waiting."""
@@ -487,7 +507,7 @@ class Unpacking(Consumer):
             self.inner.consume(ref_id, state, data)
             return state
         as_bytes = not isinstance(self.inner, DiskTensorConsumer)
-        self.waiting.append((state, [UNPACKERS.submit(_unpacked, item, as_bytes) for item in data]))
+        self.waiting.append((state, [pool("unpack").submit(_unpacked, item, as_bytes) for item in data]))
         self.items_waiting += len(data)
         while self.items_waiting - len(self.waiting[0][1]) >= UNPACK_AHEAD:
             self._hand_over_first(ref_id)

@@ -1,13 +1,12 @@
-"""Benchmark: the server's average of offloaded site results (fl_server.SampleWeightedFedAvg), alone.
+"""Benchmark: the server's average of offloaded site updates (fl_server.SampleWeightedFedAvg), alone.
 
-Writes `--sites` bf16 state dicts shaped like Qwen3-VL-2B's (the 622 MB embedding and 25 MB matrices, `--gb` GB
-each) as safetensors files, hands them to the aggregator as NVFlare's tensor disk offload does (LazyTensorDict
-references), and reports per repeat the seconds of `aggregate_model` and the page faults it took (fresh pages). The
-first repeat makes the new global model's tensors; later ones write into them, as the job's later rounds do.
-`--delta_weights`: as the job's server with deltas, from an initial global model (the run's start, then a few seconds
-for the aggregator's spare buffers) and with every site keeping the global model it received.
-Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--delta_weights]
-    [--workdir /tmp/bench_aggregate]
+Writes `--sites` bf16 updates shaped like Qwen3-VL-2B's state dict (the 622 MB embedding and 25 MB matrices, `--gb`
+GB each) as safetensors files, hands them to the aggregator as NVFlare's tensor disk offload does (LazyTensorDict
+references, `ParamsType.DIFF`), and reports per repeat the seconds of `aggregate_model` and the page faults it took
+(fresh pages). The aggregator adds their sample-weighted average to its fp32 global model in place (twice `--gb` in
+memory), which it takes from the run's initial model as the job's server does (`INITIAL_MODEL_LOADED`); every repeat
+writes into the same tensors, as the job's rounds do.
+Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--workdir /tmp/bench_aggregate]
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
@@ -32,7 +29,6 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import transport  # noqa: E402
 from fl_server import SampleWeightedFedAvg  # noqa: E402
 
 
@@ -54,45 +50,34 @@ def offloaded_result(folder: Path, layout: dict[str, tuple[int, ...]], value: fl
     return {key: lazy.make_lazy_ref(key) for key in layout}
 
 
-class Sites:
-    """The one call the aggregator makes to the server engine: the job's sites."""
-
-    def __init__(self, count: int):
-        self.clients = [type("Client", (), {"name": f"site-{s}"})() for s in range(count)]
-
-    def get_clients(self):
-        return self.clients
-
-
-def start_run(aggregator: SampleWeightedFedAvg, initial: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
-    """The events of a run's start: the engine with the sites, then the initial global model."""
+def start_run(aggregator: SampleWeightedFedAvg, initial: dict[str, torch.Tensor]) -> None:
+    """What FedAvg does at the run's start: the initial global model into the context, INITIAL_MODEL_LOADED."""
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, Sites(args.sites), private=True, sticky=False)
     fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
-    aggregator.handle_event(EventType.START_RUN, fl_ctx)
     aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
-    time.sleep(5)  # in a job the sites download and train meanwhile
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gb", type=float, default=1.0, help="size of each site's bf16 result in GB")
+    parser.add_argument("--gb", type=float, default=1.0, help="size of each site's bf16 update in GB")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/bench_aggregate")
-    parser.add_argument("--delta_weights", action="store_true", help="as the server with deltas (job.py's default)")
     args = parser.parse_args()
 
     layout = shapes(args.gb)
-    aggregator = SampleWeightedFedAvg(delta_weights=args.delta_weights)
-    if args.delta_weights:
-        start_run(aggregator, {key: torch.zeros(shape, dtype=torch.bfloat16) for key, shape in layout.items()}, args)
+    aggregator = SampleWeightedFedAvg()
+    start_run(aggregator, {key: torch.ones(shape) for key, shape in layout.items()})  # fp32, its pages written
     rows = []
-    for _ in range(args.repeats):  # written anew each time: the aggregator deletes the results it averaged
-        results = [offloaded_result(Path(args.workdir) / f"site-{s}", layout, 1.0 + s) for s in range(args.sites)]
+    for _ in range(args.repeats):  # written anew each time: the aggregator deletes the updates it averaged
+        results = [
+            offloaded_result(Path(args.workdir) / f"site-{s}", layout, (1 + s) * 2**-10) for s in range(args.sites)
+        ]
         for s, params in enumerate(results):
-            meta = {"client_name": f"site-{s}", transport.KEEPS_GLOBAL_MODEL: True}
-            aggregator.accept_model(FLModel(params=params, metrics={"samples": 1.0 + s}, meta=meta, current_round=0))
+            meta = {"client_name": f"site-{s}"}
+            aggregator.accept_model(
+                FLModel(params_type=ParamsType.DIFF, params=params, metrics={"samples": 1.0 + s}, meta=meta)
+            )
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         averaged = aggregator.aggregate_model().params
         seconds = time.perf_counter() - start
@@ -100,7 +85,7 @@ def main() -> None:
         rows.append({"seconds": round(seconds, 2), "page_faults": faults})
         del averaged, results, params  # NVFlare deletes a result's folder once its last reference goes
         aggregator.wait_for_discard()
-    print(json.dumps({"gb_per_site": args.gb, "sites": args.sites, "delta_weights": args.delta_weights,
+    print(json.dumps({"gb_per_site": args.gb, "sites": args.sites,
                       "threads": torch.get_num_threads(), "runs": rows}))  # fmt: skip
 
 

@@ -1,7 +1,9 @@
-"""Benchmark: NVFlare's transfer of a bf16 state dict shaped like Qwen3-VL-2B's, with no model and no training.
+"""Benchmark: NVFlare's transfer of a state dict shaped like Qwen3-VL-2B's, with no model and no training.
 
 Runs a FedAvgRecipe in the simulator (external client processes, PyTorch exchange, our aggregator with disk offload)
-whose clients receive the global state dict and send back a changed copy, and prints per round and client the
+whose server holds the global state dict in fp32 and sends it in bf16 (cast item by item on the wire, as job.py's
+server does), and whose clients receive it and send back a bf16 update of every tensor (`ParamsType.DIFF`, which the
+aggregator adds to the fp32 global model); it prints per round and client the
 seconds to receive and to send and the MB/s; per transfer phase (all clients receiving, all sending) the CPU seconds
 per GB moved of the server process and of the clients together; and per round how many tensor items the sites'
 downloads were served and from how many serializations (`transport.SerializedOnce`). `--env NAME=VALUE` passes
@@ -10,13 +12,12 @@ by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transp
 default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk);
 `--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
 the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values randn --compress_weights` sends
-random weights (as Hugging Face initializes them) packed both ways (`transport.pack`), `--values randn` alone the same
-weights plain; `--delta_weights SHARE` (with `--compress_weights --receive disk --values randn`) sends them as deltas
-both ways, each client moving SHARE of the weights by one step of their last bit each round; `--probe` times every
-download request (bench/request_probe, as bench_fl_round.py's).
+random weights (as Hugging Face initializes them) packed both ways (`transport.pack`; the clients' updates are the
+received weights scaled by 2**-7, so they pack as the weights do), `--values randn` alone the same weights plain;
+`--probe` times every download request (bench/request_probe, as bench_fl_round.py's). `--gb` is what travels (bf16);
+the server holds twice that in fp32.
 Usage: python bench/bench_transfer.py [--gb 4.26] [--clients 1] [--rounds 2] [--part_mb 0] [--receive memory|disk]
-    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--delta_weights SHARE] [--probe]
-    [--keep_logs DIR] [--env NVFLARE_X=1 ...]
+    [--layout 2b|mats] [--values zeros|randn] [--compress_weights] [--probe] [--keep_logs DIR] [--env NVFLARE_X=1 ...]
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ import transport
 SHAPES = None  # the 2B model's tensor shapes, in state dict order (bench_transfer.py fills them in), or None
 
 class StateDictOnly(torch.nn.Module):
-    """A bf16 state dict of `gb` GB: the first tensors of Qwen3-VL-2B's (SHAPES), or the 622 MB embedding and 25 MB
-    matrices."""
+    """An fp32 state dict of `gb` GB in bf16 (what travels): the first tensors of Qwen3-VL-2B's (SHAPES), or the 622 MB
+    embedding and 25 MB matrices. fp32, as the job's server holds the global model (QwenPersistor)."""
 
     def __init__(self, gb: float, values: str = "zeros"):
         super().__init__()
@@ -72,14 +73,15 @@ class StateDictOnly(torch.nn.Module):
         else:
             shapes = [(151936, 2048)]
             shapes += [(6144, 2048)] * max(0, round((gb * 1e9 - 151936 * 2048 * 2) / (6144 * 2048 * 2)))
-        self.tensors = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes)
+        self.tensors = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(s)) for s in shapes)
         if values == "randn":  # as Hugging Face initializes Qwen3-VL's weights: what --compress_weights packs
             for p in self.tensors:
                 torch.nn.init.normal_(p, std=0.02)
+                p.data = p.data.bfloat16().float()  # bf16 values, as QwenPersistor widens the base model's
 
 
 class PartsPersistor(PTFileModelPersistor):
-    """NVFlare's persistor of StateDictOnly, sending the state dict with large tensors in row parts."""
+    """NVFlare's persistor of StateDictOnly, sending the state dict with large tensors in row parts (0: whole)."""
 
     def __init__(self, gb: float, part_bytes: int, values: str = "zeros"):
         super().__init__(model={"path": "state_model.StateDictOnly", "args": {"gb": gb, "values": values}},
@@ -92,7 +94,8 @@ class PartsPersistor(PTFileModelPersistor):
         return learnable
 
     def save_model(self, ml, fl_ctx):
-        weights = transport.join(ml[ModelLearnableKey.WEIGHTS])
+        # detached: the aggregator's tensors are aliases that NVFlare's deep copy takes as they are, torch.save cannot
+        weights = {k: v.detach() for k, v in transport.join(ml[ModelLearnableKey.WEIGHTS]).items()}
         super().save_model(make_model_learnable(weights, ml.get(ModelLearnableKey.META)), fl_ctx)
 '''
 
@@ -100,13 +103,13 @@ CLIENT = """
 import sys, tempfile, time
 from pathlib import Path
 import nvflare.client as flare
-from nvflare.app_common.abstract.fl_model import FLModel
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 import transport
-from model import materialize
+from model import materialize, tensor_shape
 
 part_bytes, to_disk = int(sys.argv[1]), sys.argv[2] == "disk"
 randn, packed = sys.argv[3] == "randn", sys.argv[4] == "packed"
-changed = float(sys.argv[5])  # > 0: deltas both ways, this share of the weights moved by one step of their last bit
 if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors into files, read back one at a time
     from client import receive_to_disk
 
@@ -118,37 +121,23 @@ else:  # into memory, sending in grouped items as job.py's sites do
     fobs.register(transport.GroupedTensorDecomposer(packed))
 
 
-def step_last_bits(tensor, share):
-    # `tensor` (bf16) with `share` of its numbers one step of their last bit up or down, at random: what a round of
-    # fine-tuning does to most of the weights it moves (BENCHMARKS.md)
-    import torch
-
-    steps = torch.randint(-1, 2, tensor.shape, dtype=torch.int16)
-    steps.mul_(torch.rand(tensor.shape) < share)
-    return (tensor.view(torch.int16) + steps).view(torch.bfloat16)
-
-
 flare.init()
 while flare.is_running():
     received = flare.receive()
     if received is None:
         break
-    meta = {"NUM_STEPS_CURRENT_ROUND": 1}
-    if changed:  # as job.py's sites do with --delta_weights: keep the global model, send the change from it
-        from client import keep_for_deltas
-
-        held = keep_for_deltas(received.params)
-        meta[transport.KEEPS_GLOBAL_MODEL] = held is not None
-        params = {k: step_last_bits(materialize(v), changed) for k, v in received.params.items()}
-    else:  # changed, with the values' spread kept (a sign flip) where they are random, so packing sees what it got
-        params = {k: -materialize(v) if randn else materialize(v) + 1 for k, v in received.params.items()}
+    # a bf16 update of every tensor: the received random weights scaled by 2**-7 (their spread kept, so packing sees
+    # what it got), or a constant
+    if randn:
+        params = {k: materialize(v) * 2**-7 for k, v in received.params.items()}
+    else:
+        params = {k: torch.full(tensor_shape(v), 2**-10, dtype=torch.bfloat16) for k, v in received.params.items()}
     round_num, received = received.current_round, None
     gb = sum(v.numel() * v.element_size() for v in params.values()) / 1e9
     ready = time.time()
     params = transport.split(params, part_bytes)  # parts stay parts; whole tensors over the size are split
-    if changed and held is not None:
-        transport.set_references(send=transport.Reference(held, sending=params), receive=transport.RECEIVE_REFERENCE)
-    flare.send(FLModel(params=params, metrics={"samples": 1.0}, meta=meta))
+    flare.send(FLModel(params_type=ParamsType.DIFF, params=params, metrics={"samples": 1.0},
+                       meta={"NUM_STEPS_CURRENT_ROUND": 1}))
     print(f"[transfer] {flare.get_site_name()} round {round_num}: {gb:.2f} GB, send {time.time() - ready:.1f} s",
           flush=True)
 """
@@ -276,19 +265,9 @@ def main() -> None:
     parser.add_argument(
         "--compress_weights", action="store_true", help="send packed both ways (job.py's --compress_weights)"
     )
-    parser.add_argument(
-        "--delta_weights",
-        type=float,
-        default=0.0,
-        metavar="SHARE",
-        help="with --compress_weights --receive disk --values randn: weights travel as deltas both ways (job.py's "
-        "--delta_weights), each client moving this share of them by one step of their last bit each round",
-    )
     parser.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
     parser.add_argument("--keep_logs", type=Path, help="copy the run's NVFlare logs (server, sites) into this folder")
     args = parser.parse_args()
-    if args.delta_weights and not (args.compress_weights and args.receive == "disk" and args.values == "randn"):
-        parser.error("--delta_weights needs --compress_weights --receive disk --values randn")
 
     sent_as = "packed" if args.compress_weights else "plain"
     work = Path(tempfile.mkdtemp(prefix="bench_transfer_"))
@@ -308,11 +287,11 @@ from state_model import PartsPersistor
 part_bytes = {int(args.part_mb * 2**20)}
 model = {{"path": "state_model.StateDictOnly", "args": {{"gb": {args.gb}, "values": {args.values!r}}}}}
 recipe = FedAvgRecipe(name="transfer", model=model,
-    model_persistor=PartsPersistor({args.gb}, part_bytes, {args.values!r}) if part_bytes else None,
-    train_args=f"{{part_bytes}} {args.receive} {args.values} {sent_as} {args.delta_weights}",
+    model_persistor=PartsPersistor({args.gb}, part_bytes, {args.values!r}),
+    train_args=f"{{part_bytes}} {args.receive} {args.values} {sent_as}",
     min_clients={args.clients}, num_rounds={args.rounds}, train_script={str(work / "transfer_client.py")!r},
     launch_external_process=True, server_expected_format=ExchangeFormat.PYTORCH, launch_timeout=600.0, key_metric="",
-    aggregator=SampleWeightedFedAvg(compress_weights={args.compress_weights}, delta_weights={bool(args.delta_weights)}),
+    aggregator=SampleWeightedFedAvg(compress_weights={args.compress_weights}),
     enable_tensor_disk_offload=True,
     server_memory_gc_rounds=1, client_memory_gc_rounds=1)
 for f in ("fl_server.py", "model.py", "host_memory.py", "transport.py"):
@@ -346,7 +325,6 @@ recipe.execute(SimEnv(num_clients={args.clients}, workspace_root={str(work / "ws
         print(line[line.index("[transfer]") :])
     print(json.dumps({"env": args.env, "layout": args.layout, "part_mb": args.part_mb, "receive": args.receive,
                       "values": args.values, "compress_weights": args.compress_weights,
-                      "delta_weights": args.delta_weights,
                       "gb": args.gb,
                       "clients": args.clients,
                       "rounds": args.rounds,

@@ -29,13 +29,3 @@ def synthetic_pubmedvision(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("PubMedVision")
     write_dataset(root, num_records=120, seed=0)
     return root
-
-
-@pytest.fixture(autouse=True)
-def no_delta_references():
-    """Each test starts and ends with no weights held for deltas (transport.set_references is process-wide)."""
-    import transport
-
-    transport.set_references(send=None, receive=None)
-    yield
-    transport.set_references(send=None, receive=None)

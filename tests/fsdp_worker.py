@@ -2,8 +2,9 @@
 
 `torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT MODEL_DIR SITE_DIR IMAGE_ROOT` runs, on every rank:
 round 1 from the model's own weights (lr 1e-3, 3 steps of 2 ranks x batch 2 x accumulation 2), round 2 from those
-initial weights again with lr 0, a load/read-back of round 1's weights, a state that does not fit, and a checkpoint.
-Rank 0 writes OUT/round1.safetensors, OUT/ckpt/ and OUT/results.json; the test checks them.
+initial weights again (lr 1e-5, 1 step) while the model holds round 1's, a load/read-back of round 1's weights, a state
+that does not fit, and a checkpoint (saved by every rank, written by rank 0). Rank 0 writes OUT/update1.safetensors
+(round 1's update), OUT/round1.safetensors (round 1's weights), OUT/ckpt/ and OUT/results.json; the test checks them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,36 @@ def equal(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def full_fp32_trainable(trainer: LocalTrainer) -> dict[str, torch.Tensor]:
+    """The trainable fp32 master weights, gathered from the shards (collective: every rank gets them)."""
+    from local_trainer import _full_tensor, _reshard
+
+    _reshard(trainer.model)
+    with torch.no_grad():
+        return {
+            key: _full_tensor(param.detach()).clone()
+            for key, param in trainer.model.named_parameters()
+            if param.requires_grad
+        }
+
+
+def started_from(update: dict | None, trained: dict, start: dict | None) -> dict | None:
+    """On rank 0: does `update` equal the gathered fp32 weights minus the bf16 `start`, rounded to bf16 (as it must
+    if the round started from `start`)? Its keys, relative error and exactness."""
+    if update is None or start is None:
+        return None
+    true = {k: trained[k] - start[k].float() for k in trained}
+    error = sum(float((update[k].float() - true[k]).square().sum()) for k in true if k in update)
+    norm = sum(float(t.square().sum()) for t in true.values())
+    return {
+        "same_keys": update.keys() == trained.keys(),
+        "true_change_norm": norm**0.5,
+        "relative_error": (error / norm) ** 0.5 if norm else None,
+        "exact": all(torch.equal(update[k], true[k].to(torch.bfloat16)) for k in true if k in update),
+        "on_cpu": all(v.device.type == "cpu" and v.dtype == torch.bfloat16 for v in update.values()),
+    }
+
+
 def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
     out_dir = Path(out)
     trainer = LocalTrainer(config(model_dir, site_dir, image_root, str(out_dir / "trainer"), fsdp=True))
@@ -50,18 +81,22 @@ def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
     units = fsdp_units(trainer.model)
 
     first = trainer.train_round(initial)
-    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1)
-    second = trainer.train_round(initial)  # the model holds round 1's weights: only a working load gives `initial`
-    trainer.load_global_state(first.state_dict)
+    first_check = started_from(first.update, full_fp32_trainable(trainer), initial)
+    round1 = trainer.state_dict()  # collective; rank 0 gets round 1's weights (bf16, CPU)
+    trainer.config = replace(trainer.config, learning_rate=1e-5, max_steps=1)
+    # The model holds round 1's weights: only a working load makes the update the change from `initial`.
+    second = trainer.train_round(initial)
+    second_check = started_from(second.update, full_fp32_trainable(trainer), initial)
+    trainer.load_global_state(round1)
     read_back = trainer.state_dict()
 
-    bad = None if rank else {k: v for k, v in first.state_dict.items() if k != "model.language_model.norm.weight"}
+    bad = None if rank else {k: v for k, v in round1.items() if k != "model.language_model.norm.weight"}
     try:
         trainer.load_global_state(bad)
         refused = ""
     except ValueError as err:
         refused = str(err)
-    trainer.save_checkpoint(str(out_dir / "ckpt"), first.state_dict)
+    trainer.save_checkpoint(str(out_dir / "ckpt"))  # every rank: it gathers the weights (round 1's, read back)
     gc.collect()
     optimizers = sum(issubclass(type(o), torch.optim.Optimizer) for o in gc.get_objects())
 
@@ -75,9 +110,10 @@ def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
         "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
         "first_metrics": first.metrics,
         "second_metrics": second.metrics,
-        "state_on_rank": first.state_dict is not None,
-        "second_is_initial": equal(second.state_dict, initial),
-        "read_back_is_first": equal(read_back, first.state_dict),
+        "update_on_rank": [first.update is not None, second.update is not None],
+        "first_started_from_initial": first_check,
+        "second_started_from_initial": second_check,
+        "read_back_is_first": equal(read_back, round1),
         "refused": refused,
         "optimizers_left": optimizers,
     }
@@ -86,7 +122,8 @@ def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
     if rank == 0:
         from safetensors.torch import save_file
 
-        save_file(first.state_dict, str(out_dir / "round1.safetensors"))
+        save_file(first.update, str(out_dir / "update1.safetensors"))
+        save_file(round1, str(out_dir / "round1.safetensors"))
         (out_dir / "results.json").write_text(json.dumps(gathered))
     dist.barrier()
     dist.destroy_process_group()

@@ -128,13 +128,19 @@ def test_bench_fl_round_reads_each_transfers_megabytes_per_round_from_the_server
     ]
 
 
-def test_bench_delta_counts_changed_weights_and_the_bytes_each_way_travels():
+def test_bench_update_measures_what_survives_of_a_change_and_its_bytes():
     import torch
-    from bench_delta import travelled_bytes
+    from bench_update import delta_packed_bytes, retention, summary
 
     g = torch.Generator().manual_seed(0)
-    start = {"w": (torch.randn(256, 256, generator=g) * 0.02).bfloat16(), "b": torch.zeros(256).bfloat16()}
-    trained = {"w": start["w"].clone(), "b": start["b"] + 1}  # one tensor unchanged, one all changed
-    row = travelled_bytes(start, trained)
-    assert row["changed"] == round(256 / (256 * 256 + 256), 4)
-    assert row["delta_mb"] <= row["whole_packed_mb"] and row["delta_of_raw"] < 0.05
+    start = (torch.randn(256, 256, generator=g) * 0.02).bfloat16()
+    true = torch.randn(256, 256, generator=g) * 1e-7  # far below half a bf16 step of the weights
+    true[0] = 0  # a row that did not move
+    rounded = (start.float() + true).bfloat16().float() - start.float()
+    lost = summary(retention(true, rounded))
+    kept = summary(retention(true, true.bfloat16().float()))
+    assert lost["moved_lost"] > 0.9 and lost["kept"] < 0.1  # rounding the weights rounds the change away
+    assert kept["moved_lost"] == 0 and kept["kept"] > 0.999 and kept["rel_err"] < 0.003 and kept["cosine"] > 0.999
+    assert delta_packed_bytes(start, start) < 0.01 * start.numel() * 2  # no change: next to no bytes
+    moved = (start.float() + 1e-3).bfloat16()
+    assert 0.01 * start.numel() * 2 < delta_packed_bytes(moved, start) < start.numel() * 2

@@ -1,7 +1,10 @@
-"""The server's aggregator on its own: fp32 sample-weighted average, from results in memory or offloaded to disk.
+"""The server's aggregator on its own: the fp32 global model plus the sample-weighted average of the sites' updates,
+from updates in memory or offloaded to disk; and the persistor (fp32 in, bf16 Hugging Face directory out).
 
-Offloaded results are built with NVFlare's own `LazyTensorDict` over safetensors files, as its tensor disk offload
-hands them to the aggregator.
+The aggregator is driven as NVFlare's FedAvg drives it: the initial model goes into the context as GLOBAL_MODEL with
+INITIAL_MODEL_LOADED fired, then each site's result is accepted and the average taken. Offloaded updates are built
+with NVFlare's own `LazyTensorDict` over safetensors files, as its tensor disk offload hands them to the aggregator.
+Expected values are computed by hand in float64.
 """
 
 import copy
@@ -10,9 +13,11 @@ import time
 
 import pytest
 import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
@@ -23,9 +28,18 @@ import transport
 from fl_server import SampleWeightedFedAvg
 
 
-def site_result(params: dict, samples: float, site: str, error: str | None = None) -> FLModel:
+def site_update(
+    params: dict,
+    samples: float,
+    site: str,
+    error: str | None = None,
+    params_type: ParamsType = ParamsType.DIFF,
+    loss: float = 1.0,
+) -> FLModel:
+    """A site's result as the server receives it: its round's update (DIFF) and the metrics it is weighted by."""
     meta = {"client_name": site} | ({"ERROR": error} if error else {})
-    return FLModel(params=params, metrics={"samples": samples, "loss": 1.0}, meta=meta, current_round=0)
+    metrics = {"samples": samples, "loss": loss}
+    return FLModel(params_type=params_type, params=params, metrics=metrics, meta=meta, current_round=0)
 
 
 def offloaded(params: dict[str, torch.Tensor], folder) -> dict:
@@ -34,122 +48,150 @@ def offloaded(params: dict[str, torch.Tensor], folder) -> dict:
     files = {}
     for i, (key, tensor) in enumerate(params.items()):
         path = str(folder / f"{i}.safetensors")
-        save_file({key: tensor}, path)
+        save_file({key: tensor.contiguous()}, path)
         files[key] = (path, key)
     lazy = LazyTensorDict(files, str(folder))
     return {key: lazy.make_lazy_ref(key) for key in params}
 
 
-def random_params(seed: int) -> dict[str, torch.Tensor]:
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    """A bf16 model of two tensors, as the base model's weights are."""
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randn(shape, generator=g).to(torch.bfloat16) for name, shape in (("a", (64, 32)), ("b", (7,)))}
 
 
-def expected_average(results: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
-    total = sum(w for _, w in results)
-    return {k: (sum(w * p[k].double() for p, w in results) / total).to(torch.bfloat16) for k in results[0][0]}
+def update(seed: int, keys=("a", "b"), scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    """A site's bf16 update of about `scale` per weight, for `keys` only (the others it froze)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    shapes = {"a": (64, 32), "b": (7,)}
+    return {k: (torch.randn(shapes[k], generator=g) * scale).to(torch.bfloat16) for k in keys}
+
+
+def started(initial: dict) -> SampleWeightedFedAvg:
+    """An aggregator after FedAvg has loaded `initial` (the learnable's weights, row parts and all)."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
+    aggregator = SampleWeightedFedAvg()
+    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
+    return aggregator
+
+
+def by_hand(initial: dict[str, torch.Tensor], updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+    """initial + sum_i(w_i * u_i) / sum_i(w_i) in float64; a tensor a site did not send is no change from it."""
+    total = sum(w for _, w in updates)
+    return {k: v.double() + sum(w * u[k].double() for u, w in updates if k in u) / total for k, v in initial.items()}
+
+
+def assert_fp32_close(actual: dict, expected: dict) -> None:
+    """Equal to the float64 expectation to fp32 precision: a bf16 rounding anywhere (2**-9 relative) fails."""
+    assert actual.keys() == expected.keys()
+    for key, value in actual.items():
+        assert value.dtype == torch.float32, key
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-9)
+
+
+def test_one_round_adds_the_sample_weighted_average_of_the_updates_to_the_fp32_global():
+    initial = weights(0)
+    aggregator = started(dict(initial))
+    warnings = []
+    aggregator.warning = warnings.append
+    counted = [(update(0), 1.0, 0.5), (update(1, keys=("a",)), 2.0, 1.0), (update(2), 3.0, 2.0)]  # site-1 froze "b"
+    for i, (params, samples, loss) in enumerate(counted):
+        aggregator.accept_model(site_update(params, samples, f"site-{i}", loss=loss))
+    aggregator.accept_model(site_update(update(3), 9.0, "site-3", error="rank 0: OutOfMemoryError"))
+    aggregator.accept_model(site_update(weights(4), 5.0, "site-4", params_type=ParamsType.FULL))
+    aggregator.accept_model(site_update(update(5), 0.0, "site-5"))
+    result = aggregator.aggregate_model()
+
+    assert result.params_type == ParamsType.FULL and list(result.params) == list(initial)
+    assert_fp32_close(result.params, by_hand(initial, [(u, w) for u, w, _ in counted]))
+    assert result.meta["nr_contributing_sites"] == 3
+    assert result.metrics == {"samples": 6.0, "loss": (1 * 0.5 + 2 * 1.0 + 3 * 2.0) / 6}
+    left_out = [w for w in warnings if "left out" in w]
+    assert [w.split(":")[0] for w in left_out] == ["site-3", "site-4", "site-5"]
+    assert "ParamsType.DIFF" in left_out[1]  # the FULL result is refused for what it is
+
+
+def test_updates_below_half_a_bf16_step_add_up_in_the_fp32_global(tmp_path):
+    """1.0's bf16 step is 2**-7: an update of 2**-10 is under half of it, so a bf16 global model rounds every round's
+    away, while the fp32 one keeps them and moves its bf16 rounding after 8 rounds."""
+    aggregator = started({"w": torch.ones(4, dtype=torch.bfloat16)})
+    old = torch.ones(4, dtype=torch.bfloat16)  # the global model rounded to bf16 after each round, as before
+    for round_num in range(8):
+        sent = [{"w": torch.full((4,), 2**-10, dtype=torch.bfloat16)} for _ in range(2)]
+        aggregator.accept_model(site_update(sent[0], 1.0, "site-0"))
+        aggregator.accept_model(site_update(offloaded(sent[1], tmp_path / f"r{round_num}"), 3.0, "site-1"))
+        new = aggregator.aggregate_model().params["w"]
+        old = (old.float() + 2**-10).to(torch.bfloat16)
+        assert torch.equal(new, torch.full((4,), 1 + (round_num + 1) * 2**-10))  # exact: sums of powers of two
+    assert torch.equal(old, torch.ones(4, dtype=torch.bfloat16))  # the old way would not have moved at all
+    assert torch.equal(new.to(torch.bfloat16), torch.full((4,), 1 + 2**-7, dtype=torch.bfloat16))  # one step up
+
+
+def test_an_update_in_row_parts_lands_in_its_rows_and_the_result_keeps_the_learnables_keys(tmp_path):
+    """The persistor hands over an fp32 model with "a" in row parts (views); sites send their updates split their
+    own way, or only some rows. The result has the learnable's keys, views of the one fp32 global tensor, averaged in
+    place round after round, and NVFlare's deep copy of the task data takes them as they are."""
+    fp32 = {k: v.float() for k, v in weights(7).items()}
+    initial = transport.split(fp32, 16 * 32 * 4)  # "a": 4 parts of 16 rows
+    assert [k for k in initial if k.startswith("a#")] == [f"a#rows={r}:{r + 16}" for r in (0, 16, 32, 48)]
+    aggregator = started(dict(initial))
+    expected = {k: v.double() for k, v in fp32.items()}
+    for round_num in range(2):
+        whole, rows = update(10 + round_num), update(20 + round_num)
+        some_rows = {"a#rows=20:40": rows["a"][20:40]}  # this site changed only these rows of "a", and not "b"
+        aggregator.accept_model(site_update(transport.split(whole, 10 * 32 * 2), 1.0, "site-0"))  # 10 rows a part
+        aggregator.accept_model(site_update(offloaded(some_rows, tmp_path / f"r{round_num}"), 3.0, "site-1"))
+        result = aggregator.aggregate_model().params
+        expected = {k: v + whole[k].double() / 4 for k, v in expected.items()}  # site-0: 1 of 4 samples
+        expected["a"][20:40] += 3 * rows["a"][20:40].double() / 4  # site-1: 3 of 4, in its rows alone
+
+        assert list(result) == list(initial)
+        joined = transport.join(result)
+        assert isinstance(joined["a"], torch.Tensor)  # the parts are views of one tensor, no copy
+        assert all(joined[k].data_ptr() == fp32[k].data_ptr() for k in fp32)  # averaged into the initial model
+        assert_fp32_close(joined, expected)
+        assert all(copy.deepcopy(result)[k] is result[k] for k in result)
 
 
 @pytest.mark.parametrize("slice_elements", [fl_server.SLICE, 100])  # 100: 64 x 32 takes 21 slices, the last short
 @pytest.mark.parametrize("where", ["memory", "disk", "mixed"])
-def test_sample_weighted_fp32_average(where, slice_elements, tmp_path, monkeypatch):
+def test_updates_offloaded_to_disk_average_as_those_in_memory(where, slice_elements, tmp_path, monkeypatch):
     monkeypatch.setattr(fl_server, "SLICE", slice_elements)
-    sites = [(random_params(i), samples) for i, samples in enumerate((16.0, 8.0, 3.0))]
-    aggregator = SampleWeightedFedAvg()
+    initial = weights(0)
+    aggregator = started(dict(initial))
+    sites = [(update(i, keys=("a", "b") if i != 1 else ("a",)), samples) for i, samples in enumerate((16.0, 8.0, 3.0))]
     for i, (params, samples) in enumerate(sites):
         on_disk = where == "disk" or (where == "mixed" and i % 2)
         sent = offloaded(params, tmp_path / f"site-{i}") if on_disk else dict(params)
-        aggregator.accept_model(site_result(sent, samples, f"site-{i}"))
+        aggregator.accept_model(site_update(sent, samples, f"site-{i}"))
     result = aggregator.aggregate_model()
-
-    expected = expected_average(sites)
-    assert result.params.keys() == expected.keys()
-    for key, value in result.params.items():
-        assert value.dtype == torch.bfloat16
-        # One rounding of the fp32 average to bf16: at most one bf16 step from the exact average.
-        torch.testing.assert_close(value.float(), expected[key].float(), rtol=2**-8, atol=1e-6)
-    assert result.metrics["samples"] == 27.0
-    assert result.meta["nr_contributing_sites"] == 3
+    assert_fp32_close(result.params, by_hand(initial, sites))
+    assert result.metrics["samples"] == 27.0 and result.meta["nr_contributing_sites"] == 3
 
 
-def test_averaged_results_are_deleted_off_the_controller_thread(tmp_path, monkeypatch):
+def test_averaged_updates_are_deleted_off_the_controller_thread(tmp_path, monkeypatch):
     deleted_in = []
     rmtree = fl_server.shutil.rmtree
-    monkeypatch.setattr(
-        fl_server.shutil, "rmtree", lambda path: deleted_in.append(threading.current_thread()) or rmtree(path)
-    )
-    aggregator = SampleWeightedFedAvg()
-    results = [offloaded(random_params(i), tmp_path / f"site-{i}") for i in range(2)]
-    for i, params in enumerate(results):
-        aggregator.accept_model(site_result(params, 1.0, f"site-{i}"))
-    average = aggregator.aggregate_model().params
+
+    def recorded(path, *args, **kwargs):
+        if str(path).endswith(".averaged"):  # the aggregator's own deletion, not NVFlare's of what it left
+            deleted_in.append(threading.current_thread())
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(fl_server.shutil, "rmtree", recorded)
+    initial = weights(0)
+    aggregator = started(dict(initial))
+    for i in range(2):
+        aggregator.accept_model(site_update(offloaded(update(i), tmp_path / f"site-{i}"), 1.0, f"site-{i}"))
+    result = aggregator.aggregate_model().params
     # Gone from where NVFlare put them as soon as the average returns, although references to them are still alive
     # (NVFlare's own deletion, when they go, finds nothing).
     assert not (tmp_path / "site-0").exists() and not (tmp_path / "site-1").exists()
     aggregator.wait_for_discard()
     assert list(tmp_path.iterdir()) == []
     assert len(deleted_in) == 2 and threading.current_thread() not in deleted_in
-    expected = expected_average([(random_params(i), 1.0) for i in range(2)])
-    for key, value in average.items():
-        torch.testing.assert_close(value.float(), expected[key].float(), rtol=2**-8, atol=1e-6)
-
-
-def test_failed_and_weightless_sites_are_left_out(tmp_path):
-    good = random_params(0)
-    aggregator = SampleWeightedFedAvg()
-    aggregator.accept_model(site_result(offloaded(good, tmp_path / "good"), 5.0, "site-1"))
-    aggregator.accept_model(site_result(random_params(1), 0.0, "site-2"))
-    aggregator.accept_model(site_result(random_params(2), 9.0, "site-3", error="rank 0: OutOfMemoryError"))
-    result = aggregator.aggregate_model()
-    for key, value in result.params.items():
-        assert torch.equal(value, good[key])
-    assert result.meta["nr_contributing_sites"] == 1
-
-
-def test_no_contributing_site_keeps_the_global_model():
-    aggregator = SampleWeightedFedAvg()
-    aggregator.accept_model(site_result({}, 0.0, "site-1", error="boom"))
-    result = aggregator.aggregate_model()
-    assert result.params == {} and result.meta["nr_contributing_sites"] == 0
-
-
-def test_later_rounds_write_the_average_into_the_previous_global_model(tmp_path):
-    aggregator = SampleWeightedFedAvg()
-    outputs = []
-    for round_num in range(3):
-        sites = [(random_params(10 * round_num + i), samples) for i, samples in enumerate((4.0, 1.0))]
-        for i, (params, samples) in enumerate(sites):
-            sent = offloaded(params, tmp_path / f"r{round_num}-site-{i}") if i else dict(params)  # one on disk
-            aggregator.accept_model(site_result(sent, samples, f"site-{i}"))
-        result = aggregator.aggregate_model()
-        for key, value in expected_average(sites).items():
-            torch.testing.assert_close(result.params[key].float(), value.float(), rtol=2**-8, atol=1e-6)
-        outputs.append({k: v.data_ptr() for k, v in result.params.items()})
-    assert outputs[1] == outputs[2]  # the same storage from the second round on: one global model on the server
-
-
-def test_a_mismatched_or_truncated_result_leaves_the_global_model_intact(tmp_path):
-    aggregator = SampleWeightedFedAvg()
-    aggregator.accept_model(site_result(offloaded(random_params(0), tmp_path / "r0"), 1.0, "site-1"))
-    global_model = aggregator.aggregate_model().params
-    kept = {k: v.clone() for k, v in global_model.items()}
-
-    wrong_shape = random_params(1) | {"a": torch.zeros(32, 64, dtype=torch.bfloat16)}
-    aggregator.accept_model(site_result(offloaded(random_params(2), tmp_path / "r1-good"), 1.0, "site-1"))
-    aggregator.accept_model(site_result(offloaded(wrong_shape, tmp_path / "r1-bad"), 1.0, "site-2"))
-    with pytest.raises(ValueError, match="different shapes"):
-        aggregator.aggregate_model()
-    aggregator.reset_stats()
-
-    truncated = offloaded(random_params(3), tmp_path / "r2")
-    path = truncated["b"].file_path
-    with open(path, "r+b") as f:
-        f.truncate(f.seek(0, 2) - 2)
-    aggregator.accept_model(site_result(truncated, 1.0, "site-1"))
-    with pytest.raises(ValueError, match=f"{path}.*unreadable"):
-        aggregator.aggregate_model()
-    for key, value in global_model.items():
-        assert torch.equal(value, kept[key])
+    assert_fp32_close(result, by_hand(initial, [(update(i), 1.0) for i in range(2)]))
 
 
 class _OtherLazyRef:
@@ -163,13 +205,82 @@ class _OtherLazyRef:
 
 
 def test_other_lazy_references_are_materialized():
-    sites = [(random_params(i), samples) for i, samples in enumerate((2.0, 5.0))]
-    aggregator = SampleWeightedFedAvg()
+    initial = weights(0)
+    aggregator = started(dict(initial))
+    sites = [(update(i), samples) for i, samples in enumerate((2.0, 5.0))]
     for i, (params, samples) in enumerate(sites):
-        aggregator.accept_model(site_result({k: _OtherLazyRef(v) for k, v in params.items()}, samples, f"site-{i}"))
+        aggregator.accept_model(site_update({k: _OtherLazyRef(v) for k, v in params.items()}, samples, f"site-{i}"))
+    assert_fp32_close(aggregator.aggregate_model().params, by_hand(initial, sites))
+
+
+def test_an_unknown_key_a_wrong_shape_or_a_truncated_file_is_refused_and_leaves_the_global_untouched(tmp_path):
+    initial = transport.split(weights(0), 16 * 32 * 2)
+    aggregator = started(dict(initial))
+    aggregator.accept_model(site_update(update(0), 1.0, "site-0"))
+    global_model = aggregator.aggregate_model().params  # views of the fp32 global model
+    kept = {k: v.clone() for k, v in global_model.items()}
+
+    wrong = {
+        "an unknown key": ({"c": torch.zeros(3, dtype=torch.bfloat16)}, "does not have"),
+        "a wrong shape": (
+            {"a": torch.zeros(32, 64, dtype=torch.bfloat16)},
+            r"'a' in shapes \[\(32, 64\), \(64, 32\)\]",
+        ),
+        "rows past the end": (
+            {"a#rows=60:70": torch.zeros(10, 32, dtype=torch.bfloat16)},
+            r"'a#rows=60:70' in shapes \[\(10, 32\)\]; the global model's is \(4, 32\)",
+        ),
+    }
+    for i, (what, (bad, message)) in enumerate(wrong.items()):
+        for on_disk in (False, True):
+            aggregator.accept_model(site_update(update(1, keys=("b",)), 1.0, "site-0"))  # good ones, in memory
+            aggregator.accept_model(site_update(offloaded(update(2), tmp_path / f"good-{i}-{on_disk}"), 1.0, "site-1"))
+            sent = offloaded(bad, tmp_path / f"bad-{i}-{on_disk}") if on_disk else bad
+            aggregator.accept_model(site_update(sent, 1.0, "site-2"))
+            with pytest.raises(ValueError, match=message):
+                aggregator.aggregate_model()
+            aggregator.reset_stats()
+            assert all(torch.equal(v, kept[k]) for k, v in global_model.items()), what
+
+    truncated = offloaded(update(3), tmp_path / "truncated")
+    path = truncated["b"].file_path
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)
+    aggregator.accept_model(site_update(update(1), 1.0, "site-0"))
+    aggregator.accept_model(site_update(truncated, 1.0, "site-1"))
+    with pytest.raises(ValueError, match=f"{path}.*unreadable"):
+        aggregator.aggregate_model()
+    aggregator.reset_stats()
+    assert all(torch.equal(v, kept[k]) for k, v in global_model.items())
+
+
+@pytest.mark.parametrize("shape", [(1,), (8,)], ids=["broadcasts", "does-not-fit"])
+def test_in_memory_updates_of_one_tensor_in_different_shapes_are_refused(shape):
+    initial = weights(0)
+    before = {k: v.clone() for k, v in initial.items()}
+    aggregator = started(dict(initial))
+    aggregator.accept_model(site_update(update(1), 1.0, "site-0"))
+    aggregator.accept_model(site_update({"b": torch.ones(shape, dtype=torch.bfloat16)}, 1.0, "site-1"))
+    with pytest.raises(ValueError, match="'b' in shapes"):
+        aggregator.aggregate_model()
+    assert all(torch.equal(initial[k], before[k]) for k in before)
+
+
+def test_no_contributing_site_gives_an_empty_diff_and_keeps_the_global_model():
+    initial = weights(0)
+    before = {k: v.clone() for k, v in initial.items()}
+    aggregator = started(dict(initial))
+    aggregator.warning = lambda message: None
+    aggregator.accept_model(site_update({}, 0.0, "site-0", error="boom"))
+    aggregator.accept_model(site_update(update(1), 4.0, "site-1", error="rank 1: NCCL timeout"))
+    aggregator.accept_model(site_update(weights(2), 4.0, "site-2", params_type=ParamsType.FULL))
     result = aggregator.aggregate_model()
-    for key, value in expected_average(sites).items():
-        torch.testing.assert_close(result.params[key].float(), value.float(), rtol=2**-8, atol=1e-6)
+    assert result.params_type == ParamsType.DIFF and result.params == {}
+    assert result.meta["nr_contributing_sites"] == 0
+    assert all(torch.equal(initial[k], before[k]) for k in before)
+    # the next round adds its average to the global model as it was
+    aggregator.accept_model(site_update(update(3), 1.0, "site-0"))
+    assert_fp32_close(aggregator.aggregate_model().params, by_hand(before, [(update(3), 1.0)]))
 
 
 def test_the_persistor_finishes_its_file_before_the_average_overwrites_the_global_model():
@@ -187,100 +298,55 @@ def test_the_persistor_finishes_its_file_before_the_average_overwrites_the_globa
     assert persistor._saver is None
 
 
-def test_the_first_average_is_written_into_the_initial_global_model(tmp_path):
-    """FedAvg puts the initial model in the context as GLOBAL_MODEL and fires INITIAL_MODEL_LOADED."""
-    initial = transport.split(random_params(7), 64 * 2)  # "a" (64 x 32 bf16) in row parts, as the persistor sends it
+def test_the_persistor_loads_fp32_saves_the_exact_global_and_exports_its_bf16_rounding(tiny_model_dir, tmp_path):
+    """A run on the tiny model: the persistor loads the base model's bf16 weights as fp32 (in row parts for the
+    wire), the aggregator adds an update below half a bf16 step to them, `FL_global_model.pt` keeps the exact fp32
+    global model, and the Hugging Face directory written at the run's end holds its bf16 rounding."""
+    from safetensors import safe_open
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from model import Qwen3VLModel
+
+    base = Qwen3VLModel(str(tiny_model_dir)).state_dict()
     fl_ctx = FLContext()
-    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
-    aggregator = SampleWeightedFedAvg(delta_weights=False)  # with deltas the sites hold it: it stays as it is
-    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
-    sites = [(random_params(i), samples) for i, samples in enumerate((2.0, 1.0))]
-    for i, (params, samples) in enumerate(sites):
-        sent = transport.split(params, 64 * 2)
-        aggregator.accept_model(site_result(offloaded(sent, tmp_path / f"site-{i}"), samples, f"site-{i}"))
-    result = transport.join(aggregator.aggregate_model().params)
-    assert result["a"].data_ptr() == initial["a#rows=0:2"].data_ptr() and result["b"] is initial["b"]
-    for key, value in expected_average(sites).items():
-        torch.testing.assert_close(result[key].float(), value.float(), rtol=2**-8, atol=1e-6)
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(tmp_path / "app"), private=True, sticky=True)
+    persistor = fl_server.QwenPersistor(str(tiny_model_dir), part_bytes=2**20)
+    persistor.handle_event(EventType.START_RUN, fl_ctx)
+    learnable = persistor.load_model(fl_ctx)
 
+    sent = learnable[ModelLearnableKey.WEIGHTS]
+    assert any("#rows=" in k for k in sent)  # the 39 MB fp32 embedding goes in row parts
+    loaded = transport.join(sent)
+    assert loaded.keys() == base.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, base[k].float()) for k, v in loaded.items())
+    held = persistor.persistence_manager.var_dict
+    assert all(held[k] is v for k, v in loaded.items())  # the persistor keeps the fp32 tensors, no other copy
+    assert all(p.is_meta for p in persistor.model.parameters())
 
-class Sites:
-    """The server engine's one call the aggregator makes to learn the job's sites."""
-
-    def __init__(self, *names: str):
-        self.clients = [type("Client", (), {"name": n})() for n in names]
-
-    def get_clients(self):
-        return self.clients
-
-
-def test_the_next_global_model_goes_as_a_delta_only_when_every_site_keeps_the_last_one(tmp_path):
-    from nvflare.apis.event_type import EventType
-    from nvflare.apis.fl_constant import ReservedKey
-
-    initial = random_params(7)
-    before = {k: v.clone() for k, v in initial.items()}
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, Sites("site-0", "site-1"), private=True, sticky=False)
-    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(initial, {}), private=True, sticky=True)
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, learnable, private=True, sticky=True)
     aggregator = SampleWeightedFedAvg()
-    aggregator.handle_event(EventType.START_RUN, fl_ctx)
     aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
-    assert transport.SEND_REFERENCE is None  # round 0 goes whole: no site holds anything yet
-    assert transport.RECEIVE_REFERENCE.tensors["a"] is initial["a"]  # results are rebuilt from the model sent
+    name = "model.language_model.norm.weight"
+    assert torch.equal(base[name], torch.ones_like(base[name]))  # an RMSNorm's weight starts at 1.0
+    step = {name: torch.full_like(base[name], 2**-10)}  # under half of 1.0's bf16 step (2**-7)
+    for _ in range(8):
+        aggregator.accept_model(site_update(step, 1.0, "site-0"))
+        result = aggregator.aggregate_model()
+        persistor.save_model(make_model_learnable(result.params, {}), fl_ctx)
+    persistor.wait_for_save()
+    expected = {k: v.float() for k, v in base.items()}
+    expected[name] += 8 * 2**-10
+    saved = torch.load(tmp_path / "app" / "FL_global_model.pt", weights_only=True)["model"]
+    assert saved.keys() == expected.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, expected[k]) for k, v in saved.items())
 
-    def round_of(seed: int, keeps: dict[str, bool], aggregator=aggregator) -> dict:
-        for i, (site, kept) in enumerate(keeps.items()):
-            result = site_result(random_params(seed + i), 1.0, site)
-            result.meta[transport.KEEPS_GLOBAL_MODEL] = kept
-            aggregator.accept_model(result)
-        return aggregator.aggregate_model().params
-
-    spare = aggregator._spare_maker  # buffers for the first average, made while the sites train
-    new = round_of(1, {"site-0": True, "site-1": True})
-    assert spare is not None and aggregator._spare_maker is None
-    assert new["a"].data_ptr() != initial["a"].data_ptr()  # the initial model stays: the sites hold it
-    assert transport.SEND_REFERENCE.tensors["a"] is initial["a"]  # as it was, no copy
-    assert all(transport.SEND_REFERENCE.tensors[k].equal(before[k]) for k in before)
-    assert transport.RECEIVE_REFERENCE.tensors["a"].data_ptr() == new["a"].data_ptr()
-    # NVFlare deep-copies a broadcast task's data: a model sent as a delta copies as itself (aliases of the tensors)
-    assert all(copy.deepcopy(new)[k] is new[k] for k in new)
-    sent = {k: v.clone() for k, v in new.items()}
-    newer = round_of(11, {"site-0": True, "site-1": True})
-    assert newer["a"].data_ptr() == initial["a"].data_ptr()  # two global models take turns: no copy, no new memory
-    assert all(new[k].equal(sent[k]) for k in sent)  # the one sent last round is left as it was
-    assert transport.SEND_REFERENCE.tensors["a"].data_ptr() == new["a"].data_ptr()
-    whole = round_of(3, {"site-0": True, "site-1": False})  # one site does not keep it: the next one goes whole
-    assert transport.SEND_REFERENCE is None
-    assert all(copy.deepcopy(whole)[k] is not whole[k] for k in whole)  # and NVFlare's copy of it is a copy
-    held = round_of(5, {"site-0": True})  # a site NVFlare dropped (no result) may not hold it either
-    assert transport.SEND_REFERENCE is None
-    held = {k: v.clone() for k, v in held.items()}
-    round_of(7, {"site-0": True, "site-1": True})  # no spare tensors now: the average goes into new ones
-    assert transport.SEND_REFERENCE is not None and all(
-        transport.SEND_REFERENCE.tensors[k].equal(held[k]) for k in held
-    )
-    # A model sent without NVFlare's copy is never overwritten, not even by a round that goes whole
-    sent_as_is = round_of(13, {"site-0": True, "site-1": True})
-    kept = {k: v.clone() for k, v in sent_as_is.items()}
-    aggregator._previous = {}  # say the model before it fits no tensor
-    after = round_of(15, {"site-0": True, "site-1": False})
-    assert after["a"].data_ptr() != sent_as_is["a"].data_ptr() and all(sent_as_is[k].equal(kept[k]) for k in kept)
-    whole = SampleWeightedFedAvg(delta_weights=False)  # job.py's --no-delta_weights
-    whole.handle_event(EventType.START_RUN, fl_ctx)
-    round_of(9, {"site-0": True, "site-1": True}, whole)
-    assert transport.SEND_REFERENCE is None
-
-
-def test_owning_a_tensors_pages_leaves_its_bytes_and_version_as_they_were(tmp_path):
-    """The initial model's tensors are mapped from the checkpoint copy-on-write; writing each page ahead of round 1's
-    average into them must change no byte, and not the version that keys the items being sent meanwhile."""
-    from safetensors.torch import load_file, save_file
-    from transformers.modeling_utils import load_state_dict
-
-    save_file({"w": torch.randn(4096, 64).bfloat16()}, tmp_path / "model.safetensors")
-    mapped = load_state_dict(str(tmp_path / "model.safetensors"))["w"]
-    before, version = mapped.clone(), mapped._version
-    fl_server._own_pages(mapped)
-    assert mapped.equal(before) and mapped._version == version
-    assert load_file(tmp_path / "model.safetensors")["w"].equal(before)  # the file is untouched
+    persistor.handle_event(EventType.END_RUN, fl_ctx)
+    hf_dir = tmp_path / "app" / fl_server.HF_DIR_NAME
+    with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    assert expected.keys() <= written.keys()
+    for key, value in expected.items():
+        assert written[key].dtype == torch.bfloat16 and torch.equal(written[key], value.to(torch.bfloat16)), key
+    assert not torch.equal(written[name], base[name])  # the sub-step updates added up to a bf16 step or more
+    model = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    assert torch.equal(model.state_dict()[name], expected[name].to(torch.bfloat16))

@@ -1,4 +1,5 @@
-"""Tests of local_trainer.py on the tiny Qwen3-VL: labels, data rules, precision, freezing, rounds, checkpoints."""
+"""Tests of local_trainer.py on the tiny Qwen3-VL: labels, data rules, precision, freezing, rounds and their
+updates, checkpoints."""
 
 import gc
 import json
@@ -341,18 +342,52 @@ def _eval_loss(trainer: LocalTrainer, records: list[dict], root: Path) -> float:
         return float(trainer.model(**batch).loss)
 
 
+def _fp32_weights(trainer: LocalTrainer) -> dict[str, torch.Tensor]:
+    """A copy of the trainer's fp32 master weights (every parameter, HF keys)."""
+    return {key: param.detach().clone() for key, param in trainer.model.named_parameters()}
+
+
+def _trainable_keys(trainer: LocalTrainer) -> set[str]:
+    return {key for key, param in trainer.model.named_parameters() if param.requires_grad}
+
+
+def _exact_update(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
+    """The update a round from bf16 `start` to fp32 `trained` should send: the fp32 change, rounded to bf16 once."""
+    return {key: (trained[key] - start[key].float()).to(torch.bfloat16) for key in keys}
+
+
+def _relative_error(approx: dict[str, torch.Tensor], true: dict[str, torch.Tensor]) -> float:
+    """||approx - true|| / ||true|| over all tensors of `true` together, in fp32."""
+    error = sum(float((approx[k].float() - true[k]).square().sum()) for k in true)
+    norm = sum(float(true[k].square().sum()) for k in true)
+    return (error / norm) ** 0.5
+
+
 @pytest.fixture(scope="module")
 def round_one(trainer, initial_state, synthetic_pubmedvision, tmp_path_factory) -> dict:
-    """One learning round from the initial weights, its checkpoint saved straight after."""
+    """One learning round from the initial weights, its checkpoint saved straight after.
+
+    `trained`: the fp32 master weights the round ended with; `state`: `trainer.state_dict()` when checkpointed.
+    """
     held_out = _records(synthetic_pubmedvision)[NUM_TRAIN:]
     trainer.config = replace(trainer.config, learning_rate=1e-2, max_steps=15, warmup_ratio=0.1)
     trainer.load_global_state(initial_state)
     loss_before = _eval_loss(trainer, held_out, synthetic_pubmedvision)
     result = trainer.train_round(initial_state)
+    trained = _fp32_weights(trainer)
     loss_after = _eval_loss(trainer, held_out, synthetic_pubmedvision)
     checkpoint = tmp_path_factory.mktemp("ckpt") / "round-1"
     trainer.save_checkpoint(str(checkpoint))
-    return {"result": result, "before": loss_before, "after": loss_after, "checkpoint": checkpoint, "trainer": trainer}
+    return {
+        "result": result,
+        "before": loss_before,
+        "after": loss_after,
+        "checkpoint": checkpoint,
+        "trainer": trainer,
+        "trained": trained,
+        "trainable": _trainable_keys(trainer),
+        "state": trainer.state_dict(),
+    }
 
 
 def test_loss_falls_on_learnable_data(round_one):
@@ -364,24 +399,37 @@ def test_loss_falls_on_learnable_data(round_one):
     assert metrics["seconds"] > 0
 
 
-def test_returned_state_is_bf16_cpu_without_tied_lm_head(round_one, initial_state):
-    state = round_one["result"].state_dict
-    assert state.keys() == initial_state.keys() and "lm_head.weight" not in state
-    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in state.values())
+def test_update_is_bf16_cpu_for_the_trained_parameters_only(round_one, initial_state):
+    update = round_one["result"].update
+    # exactly the trainable parameters (defaults: LLM and mergers, not the vision tower), no tied lm_head copy
+    assert update.keys() == round_one["trainable"] and update.keys() < initial_state.keys()
+    assert "lm_head.weight" not in update and "model.language_model.embed_tokens.weight" in update
+    vision = [k for k in initial_state if k.startswith("model.visual.") and "merger" not in k]
+    assert vision and not update.keys() & set(vision)
+    assert all(update[k].shape == initial_state[k].shape for k in update)
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in update.values())
 
 
 def test_frozen_parts_unchanged_trained_parts_changed(trainer, round_one, initial_state):
-    state = round_one["result"].state_dict
-    vision = [k for k in state if k.startswith("model.visual.") and "merger" not in k]
-    mergers = [k for k in state if k.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list."))]
+    update, trained = round_one["result"].update, round_one["trained"]
+    vision = [k for k in initial_state if k.startswith("model.visual.") and "merger" not in k]
+    mergers = [
+        k for k in initial_state if k.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list."))
+    ]
     assert vision and mergers
     params = dict(trainer.model.named_parameters())
-    for key in vision:
-        assert torch.equal(state[key], initial_state[key]), key
-        assert not params[key].requires_grad
-    changed = [k for k in state if not torch.equal(state[k], initial_state[k])]
+    for key in vision:  # frozen: left out of the update, and the weights did not move
+        assert key not in update and not params[key].requires_grad
+        assert torch.equal(trained[key], initial_state[key].float()), key
+    changed = [k for k in update if update[k].any()]
     assert set(mergers) <= set(changed)
     assert "model.language_model.layers.1.mlp.down_proj.weight" in changed
+    # the update is the trainer's fp32 weights minus the bf16 start, rounded to bf16 once (so within half a bf16
+    # step of the change itself): initial + update is the trained model
+    expected = _exact_update(trained, initial_state, update)
+    assert all(torch.equal(update[k], expected[k]) for k in update)
+    true = {k: trained[k] - initial_state[k].float() for k in update}
+    assert _relative_error(update, true) <= 2**-8
 
 
 @pytest.mark.parametrize("llm,mlp,vision", [(True, True, False), (False, True, True), (True, False, False)])
@@ -403,13 +451,15 @@ def test_set_trainable_follows_train_qwen_mapping(trainer, llm, mlp, vision):
         set_trainable(trainer.model, trainer.config)
 
 
-def test_checkpoint_round_trip(round_one, tiny_model_dir):
+def test_checkpoint_round_trip(round_one, initial_state):
     from transformers import AutoProcessor
 
     from model import load_hf_model, untied_state_dict
 
     loaded = load_state_dict_from_checkpoint(str(round_one["checkpoint"]))
-    state = round_one["result"].state_dict
+    state = round_one["state"]  # trainer.state_dict() when the checkpoint was saved: the trained weights in bf16
+    assert state.keys() == initial_state.keys()
+    assert all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in round_one["trained"].items())
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     model = load_hf_model(str(round_one["checkpoint"]))
@@ -429,20 +479,44 @@ def trainer_is_fp32(round_one) -> bool:
     )
 
 
+def _assert_round_started_from(trainer: LocalTrainer, update: dict[str, torch.Tensor], start: dict) -> None:
+    """The update is the trainer's fp32 weights minus `start`: only so if the round started from `start`."""
+    trained = _fp32_weights(trainer)
+    true = {k: trained[k] - start[k].float() for k in update}
+    assert update.keys() == _trainable_keys(trainer)
+    assert sum(int(t.count_nonzero()) for t in true.values()) > 0  # the round learned something
+    assert _relative_error(update, true) <= 2**-8  # bf16 rounding of the change, nothing more
+    expected = _exact_update(trained, start, update)
+    assert all(torch.equal(update[k], expected[k]) for k in update)
+
+
+def _small_round(trainer: LocalTrainer, **overrides) -> None:
+    """Set up a cheap learning round: one step at a small constant learning rate (other tests leave theirs behind)."""
+    settings = dict(learning_rate=1e-5, max_steps=1, warmup_ratio=0.0, lr_scheduler_type="constant", bf16=False,
+                    per_device_train_batch_size=2)  # fmt: skip
+    trainer.config = replace(trainer.config, **{**settings, **overrides})
+
+
 def test_a_released_global_state_is_emptied_after_loading(trainer, initial_state):
-    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1)
+    _small_round(trainer)
+    trainer.load_global_state({k: (v.float() * 1.5).to(torch.bfloat16) for k, v in initial_state.items()})
     given = dict(initial_state)
     result = trainer.train_round(given, release_global_state=True)
     assert given == {}  # the caller's host copy is gone before training, not after
-    assert all(torch.equal(result.state_dict[k], initial_state[k]) for k in initial_state)
+    _assert_round_started_from(trainer, result.update, initial_state)  # and it was loaded first
 
 
 def test_second_round_starts_from_the_passed_global_weights(trainer, round_one, initial_state):
-    # learning rate 0: the round must hand back exactly the weights it was given, not the previous round's.
-    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1)
+    # The model holds round one's weights; a round from initial_state must start there, not where the model was.
+    trainer.load_global_state(round_one["state"])
+    assert not all(torch.equal(round_one["state"][k], initial_state[k]) for k in initial_state)
+    _small_round(trainer)
     result = trainer.train_round(initial_state)
-    assert all(torch.equal(result.state_dict[k], initial_state[k]) for k in initial_state)
-    assert not all(torch.equal(round_one["result"].state_dict[k], initial_state[k]) for k in initial_state)
+    _assert_round_started_from(trainer, result.update, initial_state)
+    # measured from round one's weights instead, the change is nothing like the update
+    trained = _fp32_weights(trainer)
+    from_round_one = {k: trained[k] - round_one["state"][k].float() for k in result.update}
+    assert _relative_error(result.update, from_round_one) > 0.9
     assert result.metrics["steps"] == 1
 
 
@@ -460,7 +534,7 @@ def test_round_metrics_count_skipped_and_truncated_samples(trainer, synthetic_pu
         trainer.dataset,
         _dataset([broken, *good, missing], root, trainer.processor, first_label + 1),
     )
-    trainer.config = replace(trainer.config, learning_rate=0.0, max_steps=1, per_device_train_batch_size=3)
+    _small_round(trainer, per_device_train_batch_size=3)
     try:
         metrics = trainer.train_round().metrics
     finally:
@@ -482,22 +556,55 @@ def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_st
         assert all(torch.equal(v, before[k]) for k, v in trainer.state_dict().items())
 
 
-def test_fp32_master_weights_keep_a_small_update(trainer, initial_state):
-    trainer.config = replace(
-        trainer.config, learning_rate=1e-5, max_steps=1, warmup_ratio=0.0, lr_scheduler_type="constant", bf16=True
-    )
+def test_fp32_master_weights_keep_a_small_update_and_send_it(trainer, initial_state):
+    _small_round(trainer, bf16=True)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    trainer.train_round(initial_state)
+    update = trainer.train_round(initial_state).update[key]
     before = initial_state[key].float()
     delta = dict(trainer.model.named_parameters())[key].detach() - before
     moved = delta != 0
     assert moved.float().mean() > 0.9  # the step reached the fp32 master weights
     assert delta.abs().max() < 2e-5  # and it was a small (Adam: ~lr) step
-    # the same update applied in bf16 to the bf16 weights would vanish for most of them
+    # what leaves the site keeps it: every moved weight has a nonzero update, within bf16 rounding of the step
+    assert torch.equal(update != 0, moved)
+    torch.testing.assert_close(update.float(), delta, rtol=2**-8, atol=0)
+    # the same step applied in bf16 to the bf16 weights would vanish for most of them
     bf16_after = initial_state[key] + delta.to(torch.bfloat16)
     lost = (bf16_after == initial_state[key]) & moved
     assert lost.float().mean() > 0.5
+
+
+@pytest.mark.parametrize("learning_rate,lost_before", [(5e-7, 0.9), (1e-5, 0.5)])
+def test_the_update_retains_a_small_round(trainer, initial_state, learning_rate, lost_before):
+    """A few Adam steps at fine-tuning learning rates move each weight by far less than half a bf16 step of the
+    weight: the update (fp32 change rounded once) must keep the change; the trained weights rounded to bf16 lose it."""
+    _small_round(trainer, learning_rate=learning_rate, max_steps=4)
+    update = trainer.train_round(initial_state).update
+    trained = _fp32_weights(trainer)
+    true = {k: trained[k] - initial_state[k].float() for k in update}
+    assert sum(int(t.count_nonzero()) for t in true.values()) > 0.5 * sum(t.numel() for t in true.values())
+    assert _relative_error(update, true) <= 0.01
+    # For contrast, what was sent before (the trained weights rounded to bf16) keeps little of the change: measured
+    # on the tiny model, relative error 0.99 at 5e-7 and 0.76 at 1e-5 (the update's: 0.002 at both).
+    sent_before = {k: trained[k].to(torch.bfloat16).float() - initial_state[k].float() for k in update}
+    assert _relative_error(sent_before, true) > lost_before
+
+
+def test_the_round_number_seeds_the_data_order(trainer, initial_state):
+    seed = trainer.config.seed
+    assert trainer._training_arguments(3).data_seed == trainer._training_arguments(3).data_seed == seed + 3
+    assert trainer._training_arguments(4).data_seed == seed + 4
+    # End to end: the first step's loss (computed before any update) and the update depend on the order the round
+    # draws its batches in: the same round number gives the same round, the next one another.
+    _small_round(trainer)
+    first, again, other = (trainer.train_round(initial_state, round_num=n) for n in (5, 5, 6))
+    assert trainer.round == 7
+    assert first.metrics["loss"] == again.metrics["loss"] != other.metrics["loss"]
+    assert all(torch.equal(first.update[k], again.update[k]) for k in first.update)
+    assert not all(torch.equal(first.update[k], other.update[k]) for k in first.update)
+    trainer.train_round(initial_state, round_num=5)
+    assert trainer.round == 6  # rounds go on from the federation's round, not from how many this trainer ran
 
 
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
@@ -575,7 +682,7 @@ def test_fsdp_shards_the_model_once_and_reuses_it_every_round(fsdp_run):
         assert results["second_metrics"]["steps"] == 1
         assert results["optimizers_left"] == 0  # each round's optimizer state is freed
         assert "missing 'model.language_model.norm.weight'" in results["refused"]  # refused on every rank, no hang
-    assert [r["state_on_rank"] for r in fsdp_run["ranks"]] == [True, False]
+    assert [r["update_on_rank"] for r in fsdp_run["ranks"]] == [[True, True], [False, False]]
 
 
 @pytest.mark.slow
@@ -583,14 +690,21 @@ def test_fsdp_loads_the_global_state_into_the_shards_and_gathers_it_back(fsdp_ru
     from safetensors.torch import load_file
 
     rank0 = fsdp_run["ranks"][0]
-    assert rank0["second_is_initial"]  # round 2 (lr 0) from the initial weights gave them back exactly
+    # Each round's gathered update is the gathered fp32 weights minus the bf16 weights it was given, rounded once
+    # to bf16: round 2 (lr 1e-5) started from the initial weights, not from round 1's that the model held.
+    for check in (rank0["first_started_from_initial"], rank0["second_started_from_initial"]):
+        assert check["same_keys"] and check["on_cpu"] and check["exact"], check
+        assert check["true_change_norm"] > 0 and check["relative_error"] <= 2**-8, check
     assert rank0["read_back_is_first"]  # load round 1's weights, state_dict() gives the same
     state = load_file(str(fsdp_run["out"] / "round1.safetensors"))
     assert state.keys() == initial_state.keys() and "lm_head.weight" not in state
     assert all(state[k].shape == initial_state[k].shape and state[k].dtype == torch.bfloat16 for k in state)
     vision = [k for k in state if k.startswith("model.visual.") and "merger" not in k]
     assert all(torch.equal(state[k], initial_state[k]) for k in vision)  # frozen, as without FSDP
-    saved = load_state_dict_from_checkpoint(str(fsdp_run["out"] / "ckpt"))
+    update = load_file(str(fsdp_run["out"] / "update1.safetensors"))
+    assert update.keys() == initial_state.keys() - set(vision) and "lm_head.weight" not in update  # trained only
+    assert all(update[k].shape == initial_state[k].shape and update[k].dtype == torch.bfloat16 for k in update)
+    saved = load_state_dict_from_checkpoint(str(fsdp_run["out"] / "ckpt"))  # saved by both ranks together
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
 
 
@@ -610,12 +724,15 @@ def test_fsdp_rounds_match_one_unsharded_process(fsdp_run, tiny_model_dir, site_
     sharded = fsdp_run["ranks"][0]["first_metrics"]
     assert sharded["loss"] == pytest.approx(reference.metrics["loss"], rel=1e-5)
     assert sharded["samples"] == reference.metrics["samples"]
+    from_fsdp = load_file(str(fsdp_run["out"] / "update1.safetensors"))  # rank 0's update of the sharded round
+    assert from_fsdp.keys() == reference.update.keys()
     sharded_update, single_update = (
-        torch.cat([(state[k].float() - initial[k].float()).flatten() for k in initial])
-        for state in (load_file(str(fsdp_run["out"] / "round1.safetensors")), reference.state_dict)
+        torch.cat([u[k].float().flatten() for k in sorted(u)]) for u in (from_fsdp, reference.update)
     )
     assert sharded_update.norm() > 0
     assert torch.nn.functional.cosine_similarity(sharded_update, single_update, dim=0) > 0.99
+    # the fp32 changes differ by summation order only (2 x 2 samples against 4): within the update's bf16 rounding
+    assert (sharded_update - single_update).norm() / single_update.norm() < 2**-8
     assert (sharded_update != single_update).float().mean() < 1e-3  # bf16 values: a few round the other way
 
 
@@ -662,7 +779,11 @@ def test_torch_compile_trains_like_eager(trainer, initial_state):
     compiled = compiled_trainer.train_round(initial_state)
     assert compiled_trainer.model.model.language_model.layers[0]._compiled_call_impl is not None
     assert compiled.metrics["loss"] == pytest.approx(eager.metrics["loss"], rel=1e-4)
-    changed = [k for k in initial_state if not torch.equal(eager.state_dict[k], initial_state[k])]
-    assert changed
-    for key in changed:  # the same update, up to kernel-order rounding (one bf16 step)
-        torch.testing.assert_close(compiled.state_dict[key], eager.state_dict[key], rtol=2**-7, atol=1e-5)
+    assert compiled.update.keys() == eager.update.keys()
+    compiled_update, eager_update = (
+        torch.cat([u[k].float().flatten() for k in sorted(u)]) for u in (compiled.update, eager.update)
+    )
+    assert eager_update.norm() > 0
+    # the same update, up to kernel-order rounding: well within its own bf16 rounding, a few values round otherwise
+    assert (compiled_update - eager_update).norm() / eager_update.norm() < 2**-8
+    assert (compiled_update != eager_update).float().mean() < 1e-2

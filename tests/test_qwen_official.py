@@ -98,6 +98,33 @@ def test_transformers_5_config_gets_4_57_rope_fields():
     assert "rope_parameters" not in out["vision_config"]
 
 
+def test_trained_update_is_the_bf16_change_of_the_changed_tensors_only():
+    generator = torch.Generator().manual_seed(0)
+    start = {
+        "moved": torch.randn(64, 32, generator=generator).to(torch.bfloat16),
+        "frozen": torch.randn(16, generator=generator).to(torch.bfloat16),
+        "bias": torch.zeros(8, dtype=torch.bfloat16),
+    }
+    trained = {
+        "moved": (start["moved"].float() + 1e-3 * torch.randn(64, 32, generator=generator)).to(torch.bfloat16),
+        "frozen": start["frozen"].clone(),
+        "bias": torch.full((8,), 3e-6).to(torch.bfloat16),
+        "extra": torch.ones(2, dtype=torch.bfloat16),  # saved but not sent: only the tensors the round started from
+    }
+    update = qo.trained_update(start, trained)
+    assert update.keys() == {"moved", "bias"}  # "frozen" did not change: not sent
+    assert all(v.dtype == torch.bfloat16 for v in update.values())
+    for key, value in update.items():
+        assert torch.equal(value, (trained[key].float() - start[key].float()).to(torch.bfloat16)), key
+    assert update["moved"].any() and torch.equal(update["bias"], trained["bias"])
+    # start + update gives the trained weights back (to within bf16 rounding of the sum)
+    torch.testing.assert_close(
+        (start["moved"].float() + update["moved"].float()).to(torch.bfloat16), trained["moved"], rtol=2**-7, atol=0
+    )
+    with pytest.raises(qo.OfficialCodeError, match="no weights for.*frozen"):
+        qo.trained_update(start, {k: v for k, v in trained.items() if k != "frozen"})
+
+
 # ---------------------------------------------------------------------------------- with the official checkout
 
 
@@ -207,13 +234,14 @@ def test_one_round_through_the_official_code(official_tiny_model, site, tmp_path
     result = trainer.train_round(global_state)
 
     assert isinstance(result, TrainResult)
-    state = result.state_dict
-    assert state.keys() == global_state.keys()  # HF keys of Qwen3VLForConditionalGeneration, no tied lm_head
-    assert qo.TIED_LM_HEAD not in state and all(v.dtype == torch.bfloat16 for v in state.values())
-    changed = {k for k in state if not torch.equal(state[k], global_state[k])}
+    update = result.update  # the changed tensors only, HF keys of Qwen3VLForConditionalGeneration, no tied lm_head
+    assert update.keys() <= global_state.keys() and qo.TIED_LM_HEAD not in update
+    assert all(v.dtype == torch.bfloat16 and v.shape == global_state[k].shape for k, v in update.items())
+    changed = {k for k, v in update.items() if v.any()}
+    assert changed == update.keys()
     assert any(k.startswith("model.language_model.") for k in changed)
     assert any(k.startswith("model.visual.merger.") for k in changed)
-    assert not any(k.startswith("model.visual.blocks.") for k in changed)  # tune_mm_vision=False, as set_model does
+    assert not any(k.startswith("model.visual.blocks.") for k in update)  # tune_mm_vision=False, as set_model does
     metrics = result.metrics
     assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert (metrics["steps"], metrics["samples"]) == (1, 2)
