@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                 trainer = build_trainer(args.trainer, train_argv)
             global_state = None
             if global_model is not None:
+                lazy = sum(map(is_lazy, global_model.params.values()))
+                print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
                 global_state = transport.join(global_model.params)  # row parts under their tensor's name
-                lazy = sum(map(is_lazy, global_state.values()))
-                print(f"{tag} received {len(global_state)} tensors ({lazy} on disk)", flush=True)
                 global_model.params = None  # the trainer holds the only reference: no extra copy lives on
             result = trainer.train_round(global_state, release_global_state=True, round_num=round_num)
             del global_state
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+        if RANK != 0 and error is None:
+            print(f"{tag} rank {RANK} of {WORLD_SIZE} trained", flush=True)
         if RANK == 0:
             out = update_message(result, error, start, args.part_mb)
             if error is None:

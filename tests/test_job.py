@@ -176,7 +176,8 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     # The updates were offloaded to the server's disk and added from there to the fp32 global model in place.
     # Both ways the tensors travel grouped into items (transport.py), each offloaded item one file.
     part = int(PART_MB * 2**20)
-    global_keys, update_keys = transport.split(final, part), transport.split(update, part)
+    in_model_order = {k: update[k] for k in initial if k in update}  # as the site sends it (safetensors sorts keys)
+    global_keys, update_keys = transport.split(final, part), transport.split(in_model_order, part)
     n_global_items = len(transport.group_keys(global_keys, dtype=torch.bfloat16))
     n_update_items = len(transport.group_keys(update_keys))
     assert len(global_keys) > len(final) > 5 * n_global_items
