@@ -33,10 +33,7 @@ import nvflare.client as flare
 import torch
 import torch.distributed as dist
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.utils.tensor_disk_offload_context import _TENSOR_DISK_OFFLOAD_ROOT_DIR
 from nvflare.client.tracking import SummaryWriter
-from nvflare.fuel.utils import fobs
-from nvflare.fuel.utils.fobs import FOBSContextKey, dots
 
 import host_memory
 import transport
@@ -119,11 +116,16 @@ def checkpoint_due(mode: str, round_num: int, total_rounds: int | None) -> bool:
     return mode == "every" or total_rounds is None or round_num >= total_rounds - 1
 
 
-def save_round(
-    work_dir: Path, round_num: int, trainer: Any, sent: dict | None, metrics: dict, checkpoint: bool, keep_sent: bool
-) -> None:
+def save_round(work_dir: Path, round_num: int, trainer: Any, result: Any, checkpoint: bool, keep_sent: bool) -> None:
     """Checkpoint this round if `checkpoint` (every rank calls it), dropping older ones (disk use stays flat); if
-    `keep_sent`, also keep exactly what was sent (the update)."""
+    `keep_sent`, also keep exactly what was sent (the update). A failure is reported, not raised: the update is sent."""
+    try:
+        _save_round(work_dir, round_num, trainer, result.update, result.metrics, checkpoint, keep_sent)
+    except Exception as e:
+        print(f"round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
+
+
+def _save_round(work_dir: Path, round_num: int, trainer: Any, sent, metrics: dict, checkpoint: bool, keep_sent: bool):
     if checkpoint:
         ckpt = work_dir / f"round-{round_num}"
         if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
@@ -144,43 +146,45 @@ def save_round(
         (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
 
 
-class DiskTensorDecomposer(transport.GroupedTensorDecomposer):
-    """NVFlare's tensor decomposer, downloading every received tensor into `folder` (NVFlare's tensor disk offload);
-    what this site sends goes in grouped items (transport.py)."""
+def train_round(trainer: Any, global_model: FLModel | None, round_num: int, tag: str, args, train_argv: list[str]):
+    """One round on this rank: (the trainer, its result, None), or (None, None, the first rank's error) after a
+    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round)."""
+    start, error, result = time.time(), None, None
+    try:
+        if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
+            trainer = build_trainer(args.trainer, train_argv)
+        global_state = None
+        if global_model is not None:  # rank 0: the weights (on disk), row parts joined under their tensor's name
+            lazy = sum(map(is_lazy, global_model.params.values()))
+            print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
+            global_state, global_model.params = transport.join(global_model.params), None
+        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num)
+        result.metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        result.metrics.setdefault("seconds", time.time() - start)
+    except Exception as e:  # any failure, OOM included: report it and stay in the federation
+        traceback.print_exc()
+        error = f"rank {RANK}: {type(e).__name__}: {e}"
+    error = first_error(error)
+    if error is None:
+        print(f"{tag} rank {RANK} of {WORLD_SIZE} trained" if RANK else f"{tag} metrics {result.metrics}", flush=True)
+        return trainer, result, None
+    if RANK == 0:
+        print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
+        print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
+    trainer = result = None  # a fresh trainer next round frees what a failure (e.g. OOM) left behind
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None, None, error
 
-    def __init__(self, folder: str, packed: bool = False):
-        super().__init__(packed)
-        self.folder = folder
 
-    def download(self, *args, fobs_ctx: dict | None = None, **kwargs):
-        offload = {FOBSContextKey.TENSOR_DISK_OFFLOAD: True, _TENSOR_DISK_OFFLOAD_ROOT_DIR: self.folder}
-        return super().download(*args, fobs_ctx={**(fobs_ctx or {}), **offload}, **kwargs)
-
-
-def receive_to_disk(folder: Path, compress: bool = True) -> bool:
-    """Have NVFlare write the global weights it receives into `folder` instead of host memory, from the first task on.
-
-    The trainer then reads them back one tensor at a time as it copies them into its model, so the site never holds
-    the whole received state (4.26 GB for the 2B model) in host memory; NVFlare deletes the files once the trainer
-    lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Call it before
-    `flare.init`: the Client API starts receiving inside `init` (setting the offload on its cell afterwards let the
-    first round arrive in memory now and then), and FOBS keeps the first decomposer registered for a type. False
-    where another one was registered first (then the weights arrive in memory). `compress`: what this site sends
-    goes compressed (transport.pack).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    fobs.register(DiskTensorDecomposer(str(folder), compress))
-    return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
-
-
-def update_message(result: Any, error: str | None, start: float, part_mb: float) -> FLModel:
-    """What rank 0 sends: the round's update (`ParamsType.DIFF`) with the metrics the server weighs by and logs, or,
-    after a failure, no weights and the error in the meta (weight 0: the average leaves this site out)."""
+def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
+    """What rank 0 sends: the round's update (`ParamsType.DIFF`, large tensors in row parts) with the metrics the
+    server weighs by and logs, or, after a failure, no weights and the error in the meta (weight 0: the average
+    leaves this site out)."""
     if error is not None:
         return FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics.setdefault("seconds", time.time() - start)
-    result.metrics = metrics
+    metrics = result.metrics
     return FLModel(
         params_type=ParamsType.DIFF,
         params=transport.split(result.update, int(part_mb * 2**20)),
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         train_argv += ["--output_dir", str(work_dir / "trainer_output")]
     site, writer = None, None
     if RANK == 0:
-        on_disk = receive_to_disk(work_dir / "received", args.compress_weights)
+        on_disk = transport.receive_to_disk(work_dir / "received", args.compress_weights)
         flare.init(rank="0")
         site = flare.get_site_name()
         writer = SummaryWriter()
@@ -218,55 +222,23 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = None
     while True:
-        global_model = flare.receive() if RANK == 0 else None
-        round_num, total_rounds = broadcast(
-            (None, None) if global_model is None else (global_model.current_round, global_model.total_rounds)
-        )
+        global_model = flare.receive() if RANK == 0 else None  # the global model (bf16); None: the job is over
+        rounds = None if global_model is None else (global_model.current_round, global_model.total_rounds)
+        round_num, total_rounds = broadcast(rounds) or (None, None)
         if round_num is None:
             break
-
-        error, result, start, tag = None, None, time.time(), f"site={site} round={round_num}:"
-        try:
-            if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
-                trainer = build_trainer(args.trainer, train_argv)
-            global_state = None
-            if global_model is not None:
-                lazy = sum(map(is_lazy, global_model.params.values()))
-                print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
-                global_state = transport.join(global_model.params)  # row parts under their tensor's name
-                global_model.params = None  # the trainer holds the only reference: no extra copy lives on
-            result = trainer.train_round(global_state, release_global_state=True, round_num=round_num)
-            del global_state
-        except Exception as e:  # any failure, OOM included: report it and stay in the federation
-            traceback.print_exc()
-            error = f"rank {RANK}: {type(e).__name__}: {e}"
-        error = first_error(error)
-        if error is not None:  # start from a fresh trainer next round: frees what a failure (e.g. OOM) left behind
-            trainer = result = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-        if RANK != 0 and error is None:
-            print(f"{tag} rank {RANK} of {WORLD_SIZE} trained", flush=True)
+        tag = f"site={site} round={round_num}:"
+        trainer, result, error = train_round(trainer, global_model, round_num, tag, args, train_argv)
         if RANK == 0:
-            out = update_message(result, error, start, args.part_mb)
-            if error is None:
-                print(f"{tag} sent {len(out.params)} tensors, metrics {out.metrics}", flush=True)
-                for key in ("loss", "samples", "steps", "seconds"):
-                    if key in out.metrics:
-                        writer.add_scalar(f"train_{key}", out.metrics[key], round_num)
-            else:
-                print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
-                print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
+            out = update_message(result, error, args.part_mb)  # the round's update, or the error
+            print(f"{tag} sent {len(out.params or {})} tensors", flush=True)
+            for key in ("loss", "samples", "steps", "seconds") if error is None else ():
+                writer.add_scalar(f"train_{key}", out.metrics[key], round_num)
             flare.send(out)
         if error is None:  # after sending: the server aggregates while this site writes its checkpoint
-            try:
-                due = checkpoint_due(args.checkpoint, round_num, total_rounds)
-                save_round(work_dir, round_num, trainer, result.update, result.metrics, due, args.save_sent)
-            except Exception as e:
-                print(f"{tag} checkpoint not saved ({type(e).__name__}: {e})", flush=True)
-        result = global_model = out = None
+            due = checkpoint_due(args.checkpoint, round_num, total_rounds)
+            save_round(work_dir, round_num, trainer, result, due, args.save_sent)
+        global_model = result = None
 
     if RANK == 0:
         transport.shutdown()

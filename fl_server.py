@@ -25,14 +25,12 @@ are the only copy on the server.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import shutil
 import threading
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -45,7 +43,6 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
-from nvflare.fuel.utils.fobs import FOBSContextKey
 
 import host_memory
 import transport
@@ -96,21 +93,6 @@ class OffloadedTensor:
         return self.ref.materialize()
 
 
-def share_disk_offload_with_job_cell(engine) -> None:
-    """Make NVFlare 2.9's simulator offload results to disk as POC and production do.
-
-    FedAvg turns the offload on in the engine's cell. In POC and production that is the server job's cell, on which
-    the results arrive; in the simulator the engine holds the root cell and the results arrive on `server.job_cell`.
-    """
-    job_cell = getattr(getattr(engine, "server", None), "job_cell", None)
-    cell = engine.get_cell() if engine is not None else None
-    if job_cell is None or cell is None or job_cell is cell:
-        return
-    settings = cell.get_fobs_context()
-    keys = (FOBSContextKey.TENSOR_DISK_OFFLOAD, "tensor_disk_offload_root_dir")  # NVFlare's own context keys
-    job_cell.update_fobs_context({key: settings.get(key) for key in keys})
-
-
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg of the sites' updates in fp32, weighted by `metrics["samples"]`, added to the fp32 global model in
     place; failed sites (weight 0, `ERROR` meta) are ignored."""
@@ -138,7 +120,7 @@ class SampleWeightedFedAvg(ModelAggregator):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
         if event_type == AppEventType.ROUND_STARTED:  # after FedAvg has set the offload up for the run
-            share_disk_offload_with_job_cell(fl_ctx.get_engine())
+            transport.share_disk_offload_with_job_cell(fl_ctx.get_engine())
         elif event_type == AppEventType.INITIAL_MODEL_LOADED:
             learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL) or {}
             weights = learnable.get(ModelLearnableKey.WEIGHTS) or {}
@@ -211,7 +193,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         for key, target in targets.items():
             values = [(update[key], weight) for update, weight in on_disk if key in update]
             self._average_into(target, values, self._sum.pop(key, None))
-        params = {key: _sent_as_is(self._view(key)) for key in self._keys}
+        params = {key: transport.sent_as_is(self._view(key)) for key in self._keys}
         files = len({v.path for update, _ in on_disk for v in update.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
@@ -326,24 +308,6 @@ class SampleWeightedFedAvg(ModelAggregator):
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
         if app_root:
             _atomic_write_json(Path(app_root) / SITE_METRICS_FILE, self._history)
-
-
-def _itself(alias: weakref.ref, memo: dict) -> torch.Tensor:
-    return alias()
-
-
-def _sent_as_is(tensor: torch.Tensor) -> torch.Tensor:
-    """An alias of `tensor` that deep-copies as itself.
-
-    NVFlare deep-copies a broadcast task's data before the first site gets it (`wf_comm_server.py`, a copy "against
-    concurrent in-place modifications"): for the 2B model's fp32 global, 8.5 GB of fresh memory and seconds of
-    Python's interpreter each round, before any site can start its download. The global model changes only in the
-    next average, after every site's update is in (so after every site's download), so the copy protects nothing.
-    Python's deep copy takes an instance's own `__deepcopy__`. `torch.save` cannot pickle the alias: `QwenPersistor`
-    saves detached tensors."""
-    alias = tensor.view(tensor.shape)
-    alias.__deepcopy__ = functools.partial(_itself, weakref.ref(alias))
-    return alias
 
 
 class QwenPersistor(PTFileModelPersistor):

@@ -32,6 +32,19 @@ fit in `REPLY_BYTES` (24 MiB). Packed items are encoded `PACKED_AHEAD` ahead of 
 (`pool("encode")`), and received ones unpack item by item on another (`pool("unpack")`): each costs 20-35 ms of a
 core either way. `shutdown()` stops those threads at the end of a job.
 
+NVFlare's internals this project relies on all live here (tests/test_nvflare_internals.py checks each against the
+pinned NVFlare 2.9.0 and says which one changed):
+- `_TENSOR_DISK_OFFLOAD_ROOT_DIR` and FOBS context key "tensor_disk_offload_root_dir": where a receiver offloads to.
+- `TensorDecomposer._download` (its parameters): replaced to put `Unpacking` in front of NVFlare's own consumers
+  (`TensorConsumer`, `DiskTensorConsumer`: `result`, `error`, `cleanup()`, `release()`), as `download_object`'s
+  consumer, and to build NVFlare's `LazyTensorDict(key_to_file=, temp_dir=)` from the offloaded files.
+- `TensorDecomposer.to_downloadable` and `CacheableObject` (`base_obj`, `produce_item`, `get_item_count`,
+  `get_item_size`, `prefetch_item`, `release`): the items a download serves.
+- FOBS keeps the first decomposer registered for a type (`receive_to_disk`, `serialize_once_for_all_sites`).
+- The simulator's server engine holds its job cell at `engine.server.job_cell` (`share_disk_offload_with_job_cell`).
+- The server deep-copies a broadcast task's data with `copy.deepcopy` (`sent_as_is`).
+- `PTFileModelPersistor`'s `_get_persistence_manager(fl_ctx)` and `_ckpt_save_path` (fl_server.QwenPersistor).
+
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
 copies its pieces into a tensor one by one (a site loading the received weights) or materializes them.
@@ -40,11 +53,13 @@ copies its pieces into a tensor one by one (a site loading the received weights)
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import struct
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -58,7 +73,7 @@ from nvflare.app_opt.pt.tensor_downloader import DiskTensorConsumer, TensorConsu
 from nvflare.fuel.f3.streaming.cacheable import CacheableObject, ItemConsumer
 from nvflare.fuel.f3.streaming.download_service import Consumer, download_object
 from nvflare.fuel.utils import fobs
-from nvflare.fuel.utils.fobs import dots
+from nvflare.fuel.utils.fobs import FOBSContextKey, dots
 from safetensors.torch import save as save_tensors
 
 from model import copy_into, materialize, tensor_shape
@@ -594,3 +609,64 @@ def serialize_once_for_all_sites(packed: bool = False, dtype: torch.dtype | None
     its own tensor decomposer (FOBS keeps the first). False where another one was registered first."""
     fobs.register(_SharedTensorDecomposer(packed, dtype))
     return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), _SharedTensorDecomposer)
+
+
+class DiskTensorDecomposer(GroupedTensorDecomposer):
+    """A site's tensor decomposer: every received tensor downloads into `folder` (NVFlare's tensor disk offload), and
+    what the site sends goes in grouped items, compressed when `packed`."""
+
+    def __init__(self, folder: str, packed: bool = False):
+        super().__init__(packed)
+        self.folder = folder
+
+    def download(self, *args, fobs_ctx: dict | None = None, **kwargs):
+        offload = {FOBSContextKey.TENSOR_DISK_OFFLOAD: True, _TENSOR_DISK_OFFLOAD_ROOT_DIR: self.folder}
+        return super().download(*args, fobs_ctx={**(fobs_ctx or {}), **offload}, **kwargs)
+
+
+def receive_to_disk(folder: str | os.PathLike, packed: bool = True) -> bool:
+    """A site's side of the wire: NVFlare writes the global weights it receives into `folder`, not host memory, from
+    the first task on, and what the site sends goes in grouped items, compressed when `packed`.
+
+    The trainer then reads the weights back one tensor at a time as it copies them into its model, so the site never
+    holds the whole received state (4.26 GB for the 2B model) in host memory; NVFlare deletes the files once the
+    trainer lets go of them. A folder beside the checkpoints, not /tmp, which may be memory (tmpfs). Call it before
+    `flare.init`: the Client API starts receiving inside `init`, and FOBS keeps the first decomposer registered for a
+    type. False where another one was registered first (then the weights arrive in memory).
+    """
+    os.makedirs(folder, exist_ok=True)
+    fobs.register(DiskTensorDecomposer(str(folder), packed))
+    return isinstance(fobs.get_dot_handler(dots.TENSOR_DOWNLOAD), DiskTensorDecomposer)
+
+
+def share_disk_offload_with_job_cell(engine) -> None:
+    """Make NVFlare 2.9's simulator offload results to disk as POC and production do.
+
+    FedAvg turns the offload on in the engine's cell. In POC and production that is the server job's cell, on which
+    the results arrive; in the simulator the engine holds the root cell and the results arrive on `server.job_cell`.
+    """
+    job_cell = getattr(getattr(engine, "server", None), "job_cell", None)
+    cell = engine.get_cell() if engine is not None else None
+    if job_cell is None or cell is None or job_cell is cell:
+        return
+    settings = cell.get_fobs_context()
+    keys = (FOBSContextKey.TENSOR_DISK_OFFLOAD, "tensor_disk_offload_root_dir")  # NVFlare's own context keys
+    job_cell.update_fobs_context({key: settings.get(key) for key in keys})
+
+
+def _itself(alias: weakref.ref, memo: dict) -> torch.Tensor:
+    return alias()
+
+
+def sent_as_is(tensor: torch.Tensor) -> torch.Tensor:
+    """An alias of `tensor` that deep-copies as itself.
+
+    NVFlare deep-copies a broadcast task's data before the first site gets it (`wf_comm_server.py`, a copy "against
+    concurrent in-place modifications"): for the 2B model's fp32 global, 8.5 GB of fresh memory and seconds of
+    Python's interpreter each round, before any site can start its download. The global model changes only in the
+    next average, after every site's update is in (so after every site's download), so the copy protects nothing.
+    Python's deep copy takes an instance's own `__deepcopy__`. `torch.save` cannot pickle the alias: `QwenPersistor`
+    saves detached tensors."""
+    alias = tensor.view(tensor.shape)
+    alias.__deepcopy__ = functools.partial(_itself, weakref.ref(alias))
+    return alias

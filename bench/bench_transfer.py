@@ -9,7 +9,7 @@ per GB moved of the server process and of the clients together; and per round ho
 downloads were served and from how many serializations (`transport.SerializedOnce`). `--env NAME=VALUE` passes
 NVFlare settings to every process of the run (e.g. NVFLARE_STREAMING_CHUNK_SIZE), to compare transport settings side
 by side; `--part_mb 24` sends tensors over 24 MiB as row parts both ways (transport.py, as job.py does), 0 (the
-default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (client.receive_to_disk);
+default) whole; `--receive disk` has the clients receive to disk as job.py's sites do (transport.receive_to_disk);
 `--layout 2b` (the default) sends the first `--gb` GB of the 2B model's own tensors (many small ones among them, as
 the job sends), `--layout mats` only the embedding and 25 MB matrices; `--values randn --compress_weights` sends
 random weights (as Hugging Face initializes them) packed both ways (`transport.pack`; the clients' updates are the
@@ -111,7 +111,7 @@ from model import materialize, tensor_shape
 part_bytes, to_disk = int(sys.argv[1]), sys.argv[2] == "disk"
 randn, packed = sys.argv[3] == "randn", sys.argv[4] == "packed"
 if to_disk:  # as job.py's sites receive: NVFlare writes the received tensors into files, read back one at a time
-    from client import receive_to_disk
+    from transport import receive_to_disk
 
     folder = Path(tempfile.mkdtemp(prefix='received_', dir='.'))
     print(f"[transfer] receive to disk: {receive_to_disk(folder, packed)}")

@@ -10,7 +10,6 @@ CHECK = """
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-import client
 import transport
 from nvflare.client.config import ExchangeFormat
 from nvflare.client.decomposers import register_framework_decomposers
@@ -18,10 +17,10 @@ from nvflare.fuel.utils import fobs
 from nvflare.fuel.utils.fobs import FOBSContextKey, dots
 
 folder = Path(sys.argv[1])
-print("registered", client.receive_to_disk(folder))
+print("registered", transport.receive_to_disk(folder))
 register_framework_decomposers(ExchangeFormat.PYTORCH, ExchangeFormat.PYTORCH, None)  # what flare.init does next
 handler = fobs.get_dot_handler(dots.TENSOR_DOWNLOAD)
-print("still ours", isinstance(handler, client.DiskTensorDecomposer))
+print("still ours", isinstance(handler, transport.DiskTensorDecomposer))
 
 calls = []
 transport.GroupedTensorDecomposer._download = lambda self, **kw: calls.append(kw)  # where the download would go
@@ -53,10 +52,9 @@ def test_a_site_sends_its_weights_in_grouped_items(tmp_path):
     sys.path.insert(0, str(ROOT))
     import torch
 
-    import client
     import transport
 
     weights = {f"T{i}": torch.zeros(1000 if i == 0 else 10) for i in range(20)}
-    downloadable = client.DiskTensorDecomposer(str(tmp_path)).to_downloadable(weights, 2 * 2**20, {})
+    downloadable = transport.DiskTensorDecomposer(str(tmp_path)).to_downloadable(weights, 2 * 2**20, {})
     assert isinstance(downloadable, transport.GroupedTensorDownloadable) and downloadable.shared is None
     assert downloadable.get_item_count() == 2  # the 4,000-byte tensor, then the 19 small ones together
