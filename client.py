@@ -37,6 +37,7 @@ from nvflare.client.tracking import SummaryWriter
 
 import host_memory
 import transport
+from local_trainer import init_distributed
 from model import is_lazy
 
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def build_trainer(kind: str, train_argv: list[str]) -> Any:
     """The trainer for `--trainer`: both kinds offer `train_round(global_state, ..., round_num) -> TrainResult`."""
-    from local_trainer import LocalTrainer, parse_train_args
+    from local_trainer import LocalTrainer, parse_train_args  # transformers is imported when the trainer is built
 
     config = parse_train_args(train_argv)
     if kind == "qwen":
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     host_memory.apply()  # reused buffers for sending and receiving the weights
     # No leading timestamp: NVFlare puts timestamped lines on the console only, others into the site's log.txt.
     logging.basicConfig(level=logging.INFO, format=f"rank {RANK} %(name)s %(levelname)s: %(message)s")
-    if WORLD_SIZE > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()  # torchrun's process group, before rank 0 tells the others what to do
     work_dir = Path(args.work_dir or Path.cwd() / "qwen3vl_checkpoints").resolve()
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in train_argv):
         train_argv += ["--output_dir", str(work_dir / "trainer_output")]

@@ -514,7 +514,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _init_distributed() -> torch.device:
+def init_distributed() -> torch.device:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -532,7 +532,7 @@ class LocalTrainer:
 
         self.config = config
         self.callbacks = callbacks or []  # extra transformers TrainerCallbacks for every round
-        self.device = _init_distributed()
+        self.device = init_distributed()
         self.rank = _rank()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.round = 0
