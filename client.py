@@ -121,30 +121,27 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, result: Any, checkp
     """Checkpoint this round if `checkpoint` (every rank calls it), dropping older ones (disk use stays flat); if
     `keep_sent`, also keep exactly what was sent (the update). A failure is reported, not raised: the update is sent."""
     try:
-        _save_round(work_dir, round_num, trainer, result.update, result.metrics, checkpoint, keep_sent)
+        if checkpoint:
+            ckpt = work_dir / f"round-{round_num}"
+            if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
+                trainer.save_checkpoint(str(ckpt))
+            if RANK == 0:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                (ckpt / "fl_metrics.json").write_text(json.dumps(result.metrics))
+                for old in work_dir.glob("round-*"):
+                    if old != ckpt:
+                        shutil.rmtree(old, ignore_errors=True)
+                print(f"round={round_num}: checkpoint written to {ckpt}", flush=True)
+        if RANK == 0 and keep_sent and result.update is not None:
+            from safetensors.torch import save_file
+
+            sent_dir = work_dir / "sent"
+            sent_dir.mkdir(parents=True, exist_ok=True)
+            sent = {k: v.contiguous() for k, v in result.update.items()}
+            save_file(sent, str(sent_dir / f"round-{round_num}.safetensors"))
+            (sent_dir / f"round-{round_num}.json").write_text(json.dumps(result.metrics))
     except Exception as e:
         print(f"round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
-
-
-def _save_round(work_dir: Path, round_num: int, trainer: Any, sent, metrics: dict, checkpoint: bool, keep_sent: bool):
-    if checkpoint:
-        ckpt = work_dir / f"round-{round_num}"
-        if hasattr(trainer, "save_checkpoint"):  # the official-code trainer keeps its own output folder instead
-            trainer.save_checkpoint(str(ckpt))
-        if RANK == 0:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "fl_metrics.json").write_text(json.dumps(metrics))
-            for old in work_dir.glob("round-*"):
-                if old != ckpt:
-                    shutil.rmtree(old, ignore_errors=True)
-            print(f"round={round_num}: checkpoint written to {ckpt}", flush=True)
-    if RANK == 0 and keep_sent and sent is not None:
-        from safetensors.torch import save_file
-
-        sent_dir = work_dir / "sent"
-        sent_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sent.items()}, str(sent_dir / f"round-{round_num}.safetensors"))
-        (sent_dir / f"round-{round_num}.json").write_text(json.dumps(metrics))
 
 
 def train_round(trainer: Any, global_model: FLModel | None, round_num: int, tag: str, args, train_argv: list[str]):

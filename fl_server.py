@@ -218,7 +218,7 @@ class SampleWeightedFedAvg(ModelAggregator):
                 raise ValueError(f"a site sent an update for {key!r}, which the global model does not have")
             if self._global[name].dtype != torch.float32 or not self._global[name].is_contiguous():
                 self._global[name] = self._global[name].to(torch.float32, memory_format=torch.contiguous_format)
-            target = self._global[name] if rows is None else self._global[name][rows]
+            target = self._view(key)
             shapes = {tuple(update[key].shape) for update, _ in on_disk if key in update}
             shapes |= {tuple(self._sum[key].shape)} if key in self._sum else set()
             shapes |= self._misshapen.get(key, set())

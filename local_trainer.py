@@ -692,21 +692,12 @@ class LocalTrainer:
             }
 
     def _update_since(self, started_from: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """fp32 weights now minus `started_from`, rounded to bf16 in `started_from`'s own tensors (no new memory).
-
-        Unsharded the update stays on the model's device (the sender copies it to the host item by item). Under FSDP
-        this is collective: each tensor is gathered in turn; rank 0 gets the update (CPU), the other ranks None.
-        """
+        """fp32 weights now minus `started_from`, rounded to bf16 in `started_from`'s own tensors (no new memory), on
+        rank 0 (`_gathered`: under FSDP collective, one tensor at a time)."""
         params = dict(self.model.named_parameters())
-        keep = self.rank == 0 or not self.fsdp
-        update = {}
-        with torch.no_grad():
-            for key, start in started_from.items():
-                start.copy_(params[key].detach() - start)  # fp32 difference, rounded once, to nearest
-                value = _full_tensor(start)
-                if keep:
-                    update[key] = value.to("cpu") if self.fsdp else value
-        return update if keep else None
+        rounded = ((key, start.copy_(params[key].detach() - start)) for key, start in started_from.items())
+        with torch.no_grad():  # copy_ rounds the fp32 difference once, to nearest; made one by one as gathered
+            return self._gathered(rounded)
 
     def _release(self, trainer) -> None:
         """Free the round's optimizer state and undo the round's activation checkpointing, so rounds do not pile up."""
@@ -723,20 +714,24 @@ class LocalTrainer:
 
         Unsharded, the tensors stay on the model's device: NVFlare and safetensors copy each to the host as they
         send or write it, so the host never holds the whole 4.26 GB (2B) result. Under FSDP this is collective (call
-        it on every rank): each tensor is gathered in turn and moved to the host; rank 0 gets the weights (CPU), the
-        other ranks None.
+        it on every rank): rank 0 gets the weights (CPU), the other ranks None (`_gathered`).
         """
+        with torch.no_grad():
+            params = untied_state_dict(self.model).items()
+            return self._gathered((key, value.detach().to(torch.bfloat16, copy=True)) for key, value in params)
+
+    def _gathered(self, tensors) -> dict[str, torch.Tensor] | None:
+        """(key, tensor) pairs, each made and gathered whole in turn (under FSDP an all-gather: every rank calls it),
+        as a dict on rank 0 (on the host under FSDP; unsharded on the model's device); None on the other ranks."""
         if self.fsdp:
             _reshard(self.model)
-        params = untied_state_dict(self.model)
         keep = self.rank == 0 or not self.fsdp
-        state = {}
-        with torch.no_grad():
-            for key, value in params.items():
-                value = _full_tensor(value.detach())
-                if keep:
-                    state[key] = value.to(torch.bfloat16, copy=True).to("cpu" if self.fsdp else value.device)
-        return state if keep else None
+        out = {}
+        for key, value in tensors:
+            value = _full_tensor(value)
+            if keep:
+                out[key] = value.to("cpu") if self.fsdp else value
+        return out if keep else None
 
     def save_checkpoint(self, output_dir: str) -> None:
         """Write the current weights as a Hugging Face directory (bf16 safetensors, config, processor) on rank 0.
