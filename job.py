@@ -180,7 +180,8 @@ def prepare_demo(args: argparse.Namespace) -> None:
 
         print(f"Building the tiny random Qwen3-VL in {model_dir} ...")
         build_tiny_model(model_dir)
-    if not all((data_dir / f"site-{i}" / "train.json").exists() for i in range(1, args.n_clients + 1)):
+    shards = [data_dir / f"site-{i}" / f for i in range(1, args.n_clients + 1) for f in ("train.json", "val.json")]
+    if not all(path.exists() for path in shards):
         import prepare_data
         from synthetic_data import write_dataset
 

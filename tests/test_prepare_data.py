@@ -33,6 +33,19 @@ def site_files(out: Path, n: int) -> list[list[dict]]:
     return [load(out / f"site-{i}" / "train.json") for i in range(1, n + 1)]
 
 
+def val_files(out: Path, n: int) -> list[list[dict]]:
+    return [load(out / f"site-{i}" / "val.json") for i in range(1, n + 1)]
+
+
+def site_shards(out: Path, n: int) -> list[list[dict]]:
+    """Each site's train.json and val.json records together."""
+    return [train + val for train, val in zip(site_files(out, n), val_files(out, n), strict=True)]
+
+
+def images(records: list[dict]) -> set[str]:
+    return {path for record in records for path in record["image"]}
+
+
 def ids(records: list[dict]) -> list[str]:
     return [r["id"] for r in records]
 
@@ -63,20 +76,22 @@ def test_iid_sites_are_equal_disjoint_shuffled_and_keep_the_records(source, tmp_
     assert result.returncode == 0, result.stderr
     original = load(source)  # 120 records: 10 for test, 110 // 3 = 36 per site, 2 dropped
     by_id = {r["id"]: r for r in original}
-    sites = site_files(out, 3)
+    sites, vals = site_files(out, 3), val_files(out, 3)
     test = load(out / "test.json")
 
-    assert [len(s) for s in sites] == [36, 36, 36] and len(test) == 10
-    all_ids = [i for s in [*sites, test] for i in ids(s)]
+    # each site's 36: ceil(5% of 36) = 2 in val.json (every record has its own images here), 34 in train.json
+    assert [len(s) for s in sites] == [34, 34, 34] and [len(v) for v in vals] == [2, 2, 2] and len(test) == 10
+    all_ids = [i for s in [*sites, *vals, test] for i in ids(s)]
     assert len(all_ids) == len(set(all_ids)) == 118
     assert set(all_ids) <= set(by_id)
     file_order = ids(original)
     for site in sites:
         assert ids(site) != sorted(ids(site), key=file_order.index)  # shuffled, not in file order
     assert ids(sites[0]) != file_order[:36]
-    for record in [r for s in [*sites, test] for r in s]:
+    for record in [r for s in [*sites, *vals, test] for r in s]:
         assert without_placeholders(record) == by_id[record["id"]]  # nothing changed but the placeholders
-    assert "site-1" in result.stdout and "36 records" in result.stdout and "test" in result.stdout
+    assert "site-1 train" in result.stdout and "34 records" in result.stdout and "test" in result.stdout
+    assert "site-1 val" in result.stdout and "2 records" in result.stdout
     assert any(m in result.stdout for m in ("Computed Tomography", "X-Ray", "Ultrasound"))
 
 
@@ -104,8 +119,8 @@ def test_every_output_record_has_one_placeholder_per_image(source, tmp_path):
 def test_subset_size_caps_each_site(source, tmp_path):
     out = tmp_path / "data"
     assert run_prepare("--data_file", str(source), "--output_dir", str(out), "--subset_size", "5").returncode == 0
-    sites = site_files(out, 3)
-    assert [len(s) for s in sites] == [5, 5, 5]
+    sites = site_shards(out, 3)  # train + val: ceil(5% of 5) = 1 in val
+    assert [len(s) for s in sites] == [5, 5, 5] and [len(v) for v in val_files(out, 3)] == [1, 1, 1]
     assert len({i for s in sites for i in ids(s)}) == 15
 
 
@@ -164,7 +179,7 @@ def test_dirichlet_skews_modalities_far_more_than_iid(records_3000, tmp_path):
     assert run_prepare(*common, "--output_dir", str(tmp_path / "iid")).returncode == 0
     result = run_prepare(*common, "--output_dir", str(tmp_path / "dir"), "--split", "dirichlet", "--alpha", "0.1")
     assert result.returncode == 0, result.stderr
-    iid, skewed = site_files(tmp_path / "iid", 3), site_files(tmp_path / "dir", 3)
+    iid, skewed = site_shards(tmp_path / "iid", 3), site_shards(tmp_path / "dir", 3)
 
     tv_iid, tv_skewed = _mean_pairwise_tv(iid), _mean_pairwise_tv(skewed)
     assert tv_iid < 0.1
@@ -226,7 +241,7 @@ def test_check_images_reports_missing_and_unreadable(dataset_with_bad_images, tm
     assert "2 record(s) have missing or unreadable images" in result.stdout
     assert "record 3 (id 'syn-0000003')" in result.stdout and "missing" in result.stdout
     assert "record 11 (id 'syn-0000011')" in result.stdout and "unreadable" in result.stdout
-    assert sum(len(s) for s in site_files(out, 3)) == 30  # reported, not dropped
+    assert sum(len(s) for s in site_shards(out, 3)) == 30  # reported, not dropped
 
 
 def test_drop_bad_images_removes_them_before_splitting(dataset_with_bad_images, tmp_path):
@@ -237,7 +252,7 @@ def test_drop_bad_images_removes_them_before_splitting(dataset_with_bad_images, 
         "--image_root", str(image_root),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    kept = [i for s in site_files(out, 3) for i in ids(s)]
+    kept = [i for s in site_shards(out, 3) for i in ids(s)]
     assert len(kept) == 27 and not {"syn-0000003", "syn-0000011"} & set(kept)  # 28 good // 3 sites = 9 each
 
 
@@ -267,7 +282,7 @@ def test_empty_data_file_downloads_the_split_from_the_hub(source, tmp_path, monk
             "repo_type": "dataset",
         }
     ]
-    assert [len(s) for s in site_files(out, 3)] == [40, 40, 40]
+    assert [len(s) for s in site_shards(out, 3)] == [40, 40, 40]
 
 
 # ---------------------------------------------------------------- bad input
@@ -394,7 +409,7 @@ def test_jsonl_input_is_accepted(source, tmp_path):
     jsonl.write_text("\n".join(json.dumps(r) for r in load(source)) + "\n")
     out = tmp_path / "data"
     assert run_prepare("--data_file", str(jsonl), "--output_dir", str(out), "--num_clients", "2").returncode == 0
-    assert [len(s) for s in site_files(out, 2)] == [60, 60]
+    assert [len(s) for s in site_shards(out, 2)] == [60, 60]
 
 
 def test_rerun_without_test_size_removes_the_stale_test_file(source, earlier_outputs):
