@@ -4,6 +4,7 @@ and clear failures on bad input that leave earlier outputs intact."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -221,6 +222,91 @@ def test_iid_split_indices_are_disjoint_and_drop_only_the_remainder():
     assert len(used) == len(set(used)) == 101 and set(used) <= set(range(103))
 
 
+# ---------------------------------------------------------------- image groups and val.json
+
+
+def _qa(record_id: str, image_paths: list[str], question: str) -> dict:
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "An answer."}]
+    return {"id": record_id, "image": image_paths, "conversations": turns, "modality": "X-Ray"}
+
+
+def test_image_groups_join_records_sharing_an_image_transitively():
+    records = [
+        _qa("ins-0", ["images/a.jpg"], "Q"),
+        _qa("ins-1", ["images/b.jpg"], "Q"),
+        _qa("aln-0", ["./images/a.jpg"], "Q"),  # the Alignment file's record on ins-0's image (path spelt otherwise)
+        _qa("ins-2", ["images/c.jpg"], "Q"),
+        _qa("multi", ["images/b.jpg", "images/c.jpg"], "Q"),  # chains ins-1 and ins-2 into one group
+        _qa("ins-3", ["images/d.jpg"], "Q"),
+    ]
+    assert prepare_data.image_groups(records) == [0, 1, 0, 1, 1, 2]
+
+
+def test_split_keeps_groups_whole_and_val_takes_whole_groups():
+    groups = [i // 3 for i in range(300)]  # 100 groups of 3 records
+    for split in ("iid", "dirichlet"):
+        keys = ["CT" if g % 2 else "MR" for g in groups]
+        sites, test = split_indices(300, 3, seed=1, test_size=30, split=split, keys=keys, groups=groups)
+        assert len(test) == 30 and all(len(s) > 0 for s in sites)
+        sides = [test, *sites]
+        for a, b in combinations(sides, 2):
+            assert not {groups[i] for i in a} & {groups[i] for i in b}
+        train, val = prepare_data.split_validation(sites[0], groups, 5, "site-1")
+        assert len(val) == 6 and sorted(train + val) == sorted(sites[0])  # two whole groups reach 5 records
+        assert not {groups[i] for i in train} & {groups[i] for i in val}
+
+
+def test_default_val_size_is_five_percent_capped():
+    assert [prepare_data.default_val_size(n) for n in (1, 20, 21, 36, 4000, 10**6)] == [1, 1, 2, 2, 200, 200]
+
+
+@pytest.fixture
+def two_files_sharing_images(tmp_path) -> tuple[Path, Path]:
+    """An InstructionTuning-like file of 200 records, and an Alignment-like file on the same images, with
+    multi-image records that chain two InstructionTuning records' images."""
+    instruction = [record for record, _ in make_records(200, seed=5, multi_image_fraction=0.2)]
+    alignment = [_qa(f"aln-{i}", r["image"][:1], "Describe the image.") for i, r in enumerate(instruction)]
+    alignment += [
+        _qa(f"chain-{i}", [instruction[i]["image"][0], instruction[i + 1]["image"][-1]], "Compare them.")
+        for i in range(0, 200, 7)
+    ]
+    return (
+        write_records(tmp_path / "PubMedVision_InstructionTuning_VQA.json", instruction),
+        write_records(tmp_path / "PubMedVision_Alignment_VQA.json", alignment),
+    )
+
+
+@pytest.mark.parametrize("split", ["iid", "dirichlet"])
+def test_no_image_straddles_test_train_and_val_across_two_files(two_files_sharing_images, tmp_path, split):
+    instruction, alignment = two_files_sharing_images
+    out = tmp_path / "data"
+    data_file = f"{instruction},{alignment}"
+    result = run_prepare("--data_file", data_file, "--output_dir", str(out), "--test_size", "40", "--split", split)
+    assert result.returncode == 0, result.stderr
+    sides = {"test": load(out / "test.json")}
+    for i in range(1, 4):
+        sides[f"site-{i} train"] = load(out / f"site-{i}" / "train.json")
+        sides[f"site-{i} val"] = load(out / f"site-{i}" / "val.json")
+    for (a, ra), (b, rb) in combinations(sides.items(), 2):
+        assert not images(ra) & images(rb), f"{a} and {b} share images"
+    used = [i for records in sides.values() for i in ids(records)]
+    assert len(used) == len(set(used))
+    assert any(i.startswith("aln-") for i in used) and any(i.startswith("chain-") for i in used)
+    assert len(sides["test"]) >= 40
+    for name, records in sides.items():  # the script says how many records and images each side has
+        assert re.search(rf"{name}\s+{len(records)} records\s+{len(images(records))} images", result.stdout), name
+
+
+def test_val_size_sets_records_per_site_and_zero_removes_stale_val_files(source, tmp_path):
+    out = tmp_path / "data"
+    assert run_prepare("--data_file", str(source), "--output_dir", str(out), "--val_size", "7").returncode == 0
+    assert [len(v) for v in val_files(out, 3)] == [7, 7, 7] and [len(s) for s in site_files(out, 3)] == [33] * 3
+    result = run_prepare("--data_file", str(source), "--output_dir", str(out), "--val_size", "0")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("site-*/val.json")) and "Removed" in result.stdout
+    assert [len(s) for s in site_files(out, 3)] == [40, 40, 40]
+
+
 # ---------------------------------------------------------------- image checks
 
 
@@ -347,6 +433,7 @@ BAD_INPUTS = {
     "subset larger than data": (_source, ["--subset_size", "500", "--split", "dirichlet"], ["larger than the data"]),
     "too few records": (_source, ["--num_clients", "121"], ["too few records", "121 sites"]),
     "test takes all": (_source, ["--test_size", "120"], ["--test_size 120", "120 records"]),
+    "val takes all": (_source, ["--val_size", "40"], ["--val_size", "site-1 nothing to train on", "40 records"]),
 }
 
 
@@ -369,6 +456,7 @@ def test_bad_input_fails_clearly_and_keeps_earlier_outputs(case, source, tmp_pat
         (["--num_clients", "0"], "--num_clients must be at least 1"),
         (["--subset_size", "0"], "--subset_size must be at least 1"),
         (["--test_size", "-1"], "--test_size must be 0 or more"),
+        (["--val_size", "-1"], "--val_size must be 0 or more"),
         (["--alpha", "0"], "--alpha must be positive"),
         (["--drop_bad_images"], "--drop_bad_images needs --check_images"),
     ],
@@ -401,6 +489,8 @@ def test_help_documents_defaults_and_dirichlet_sizes():
     text = " ".join(result.stdout.split())
     assert result.returncode == 0
     for expected in ("(default: ./data)", "(default: 3)", "(default: iid)", "site sizes then differ", "--test_size"):
+        assert expected in text
+    for expected in ("site-N/val.json", "0: no val.json", "5% of the shard, rounded up, at most 200", "image group"):
         assert expected in text
 
 
