@@ -4,6 +4,10 @@ The model is a Hugging Face Hub ID, a Hugging Face directory (a trainer checkpoi
 model), or the NVFlare server's `FL_global_model.pt` (architecture and processor then come from `--base_model`).
 With `--compare`, a second model answers the same samples, so a base and a fine-tuned model can be read side by side.
 
+Without --data_file it scores prepare_data.py's held-out ./data/test.json, or, when there is none, the training
+shard ./data/site-1/train.json (with a warning); it prints which file it scored. `score_records` is the same
+generation and scoring as a function, for evaluating a model in memory (e.g. on a site's val.json every round).
+
 Examples:
   python run_inference.py --model_path Qwen/Qwen3-VL-2B-Instruct --data_file data/test.json
   python run_inference.py --model_path Qwen/Qwen3-VL-2B-Instruct --data_file data/test.json \
@@ -18,7 +22,8 @@ removed, the articles a/an/the removed, whitespace collapsed):
                R = LCS/len(reference), F = 2PR/(P+R).
   closed_acc   only for closed questions: those whose reference starts with "yes"/"no", or whose question offers
                lettered options ("A) ...", "(B) ..."). Correct when the answer gives the same yes/no (its first
-               "yes" or "no" word) or the same option letter (an explicit "(B)", "B)", a bare "B"/"B." at the start,
+               leading verdict: its first word, case and punctuation aside) or the same option letter (an explicit
+               "(B)", "B)", a bare "B"/"B." at the start,
                "answer is B", or else the one option whose text the answer contains).
 """
 
@@ -48,6 +53,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 USER_ERROR_EXIT = 2
+TEST_FILE = "./data/test.json"  # prepare_data.py --test_size writes it: records no site trains on
+TRAIN_SHARD = "./data/site-1/train.json"  # scored only when there is no test file
 
 
 class UserError(Exception):
@@ -286,14 +293,18 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def answer_samples(
-    model, processor, samples: list[Sample], batch_size: int, label: str, **generate_kwargs
+    model, processor, samples: list[Sample], batch_size: int, label: str, progress: bool = True, **generate_kwargs
 ) -> list[str]:
-    """Answers for all samples, in batches, with a progress bar."""
+    """Answers for all samples, in batches, with a progress bar unless `progress` is False."""
     from tqdm import tqdm
 
     answers: list[str] = []
     total = (len(samples) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(samples, batch_size), total=total, desc=f"Model {label}", unit="batch", file=sys.stderr):
+    bar = tqdm(
+        batches(samples, batch_size), total=total, desc=f"Model {label}", unit="batch", file=sys.stderr,
+        disable=not progress,
+    )  # fmt: skip
+    for batch in bar:
         prompts = [(load_images(sample), sample.question) for sample in batch]
         answers += generate_answers(model, processor, prompts, **generate_kwargs)
     return answers
@@ -378,11 +389,11 @@ def chosen_option(answer: str, options: dict[str, str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def yes_no(answer: str, first_word_only: bool = False) -> str | None:
-    """'yes' or 'no': the first such word of the normalised answer (or only its very first word)."""
+def yes_no(answer: str) -> str | None:
+    """The answer's leading verdict: 'yes' or 'no' when its first normalised word is one ("Yes, ..." and "No." count;
+    "No lesion is seen, yes" is 'no'), else None (an answer that does not start with a verdict gives none)."""
     words = normalize_answer(answer).split()
-    words = words[:1] if first_word_only else words
-    return next((w for w in words if w in ("yes", "no")), None)
+    return words[0] if words and words[0] in ("yes", "no") else None
 
 
 def closed_label(question: str, ground_truth: str) -> dict | None:
@@ -390,7 +401,7 @@ def closed_label(question: str, ground_truth: str) -> dict | None:
     options = parse_options(question)
     if options and (letter := chosen_option(ground_truth, options)):
         return {"kind": "option", "label": letter, "options": options}
-    if label := yes_no(ground_truth, first_word_only=True):
+    if label := yes_no(ground_truth):
         return {"kind": "yes_no", "label": label}
     return None
 
@@ -412,6 +423,12 @@ def score(answer: str, sample: Sample, closed: dict | None) -> dict:
     }
 
 
+def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> tuple[list[dict | None], list[dict]]:
+    """Each sample's closed-question label (None: open) and the scores of its answer."""
+    closed = [closed_label(s.question, s.ground_truth) for s in samples]
+    return closed, [score(a, s, c) for a, s, c in zip(answers, samples, closed, strict=True)]
+
+
 def summarize(scores: list[dict]) -> dict:
     """Mean of each metric; closed-question accuracy over the closed samples only."""
     summary = {m: sum(s[m] for s in scores) / len(scores) for m in ("exact_match", "token_f1", "rouge_l")}
@@ -419,6 +436,59 @@ def summarize(scores: list[dict]) -> dict:
     summary["closed_acc"] = sum(closed) / len(closed) if closed else None
     summary["num_closed"] = len(closed)
     return summary
+
+
+# --------------------------------------------------------------------------------------- scoring a model in memory
+
+
+def answer_records(
+    model,
+    processor,
+    records: Sequence[dict],
+    image_root: str | os.PathLike,
+    max_samples: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+) -> tuple[list[Sample], list[str]]:
+    """The first `max_samples` records (0: all) as samples, and `model`'s greedy answers to them, in batches.
+
+    For the call, the model is in eval mode and the tokenizer pads on the left (as batched generation needs); both
+    are restored after. Raises `UserError` naming a record without a human turn or with a missing image.
+    """
+    samples = [record_to_sample(r, i, image_root) for i, r in enumerate(records[: max_samples or None])]
+    if not samples:
+        raise UserError("no records to score")
+    tokenizer = processor.tokenizer
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    try:
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        answers = answer_samples(model, processor, samples, batch_size, "", progress=False, **kwargs)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return samples, answers
+
+
+def score_records(
+    model,
+    processor,
+    records: Sequence[dict],
+    image_root: str | os.PathLike,
+    max_samples: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+) -> dict[str, float]:
+    """Mean metrics of `model`'s greedy answers to the first `max_samples` records (0: all), as `answer_records`.
+
+    Keys: exact_match, token_f1, rouge_l, closed_acc (NaN when no record is a closed question), num_samples and
+    num_closed. Imports nothing beyond torch and transformers, so a federated client can call it every round.
+    """
+    samples, answers = answer_records(model, processor, records, image_root, max_samples, batch_size, max_new_tokens)
+    summary = summarize(score_answers(samples, answers)[1])
+    closed_acc = float("nan") if summary["closed_acc"] is None else summary["closed_acc"]
+    return {**summary, "closed_acc": closed_acc, "num_samples": len(samples)}
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -504,7 +574,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MODEL,
         help="architecture and processor for a .pt checkpoint; processor for a directory that has none",
     )
-    parser.add_argument("--data_file", default="./data/site-1/train.json", help="JSON list of records")
+    parser.add_argument(
+        "--data_file",
+        default=None,
+        help=f"JSON list of records; unset: {TEST_FILE} (held out by prepare_data.py --test_size) if it exists, "
+        f"else the training shard {TRAIN_SHARD}",
+    )
     parser.add_argument("--image_root", default="./PubMedVision", help="folder that relative image paths start from")
     parser.add_argument("--num_samples", type=int, default=5, help="how many records to answer; 0 for all")
     parser.add_argument(
@@ -568,9 +643,25 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(f"--output: folder {Path(args.output).resolve().parent} does not exist")
 
 
+def resolve_data_file(data_file: str | None) -> str:
+    """--data_file, else the held-out test file if it exists, else the first site's training shard (with a warning)."""
+    if data_file:
+        return data_file
+    if Path(TEST_FILE).is_file():
+        return TEST_FILE
+    print(
+        f"Warning: no {TEST_FILE} (prepare_data.py --test_size writes one), so scoring the training shard "
+        f"{TRAIN_SHARD}: scores on data a site trained on say little about what the model learned.",
+        file=sys.stderr,
+    )
+    return TRAIN_SHARD
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Answer, print and score; return the per-sample result rows."""
     check_inputs(args)
+    args.data_file = resolve_data_file(args.data_file)
+    print(f"Scoring {args.data_file}", flush=True)
     samples = load_samples(args.data_file, args.image_root, args.num_samples, args.seed)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     print(
@@ -594,8 +685,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print()
     print_samples(samples, runs, args.max_print_chars)
     closed = [closed_label(s.question, s.ground_truth) for s in samples]
-    scores = [[score(a, s, c) for a, s, c in zip(answers, samples, closed, strict=True)] for _, _, answers in runs]
+    scores = [score_answers(samples, answers)[1] for _, _, answers in runs]
     print_summary(runs, [summarize(s) for s in scores], len(samples))
+    print(f"Scored {args.data_file}")
     rows = result_rows(samples, runs, closed, scores)
     if args.output:
         write_jsonl_atomically(args.output, rows)

@@ -1,6 +1,7 @@
 """run_inference.py: the three kinds of model path, compare mode, batching, the metrics, and clear errors."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -89,11 +90,32 @@ def test_closed_questions_yes_no_and_lettered_options():
     assert ri.closed_correct("I cannot tell.", options) is False
     assert ri.closed_label("Which view? (A) axial (B) coronal", "(A)")["label"] == "A"
 
+    assert ri.closed_label("Is there a lesion?", "No lesion is seen, yes, the lung is clear.")["label"] == "no"
     open_question = ri.closed_label("What does the image show?", "A mass in the left lung.")
     assert open_question is None and ri.closed_correct("Yes.", open_question) is None
     samples = [ri.Sample(0, "x", [], "Is it?", "yes"), ri.Sample(1, "y", [], "What is it?", "a mass")]
     summary = ri.summarize([ri.score("Yes", samples[0], yes), ri.score("A mass.", samples[1], None)])
     assert summary["closed_acc"] == 1.0 and summary["num_closed"] == 1 and summary["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        ("Yes, there is a fracture.", "yes"),
+        ("No.", "no"),
+        ("  **YES**  ", "yes"),
+        ("No lesion is seen, yes", "no"),  # the leading verdict, not the first yes/no anywhere
+        ("There is no fracture.", None),
+        ("The answer is yes.", None),  # does not start with a verdict
+        ("Nope", None),
+        ("Yesterday's scan", None),
+        ("", None),
+    ],
+)
+def test_closed_answers_are_judged_by_their_leading_verdict(answer, verdict):
+    assert ri.yes_no(answer) == verdict
+    for label in ("yes", "no"):
+        assert ri.closed_correct(answer, {"kind": "yes_no", "label": label}) is (verdict == label)
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -207,7 +229,69 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         ri.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: ./data/site-1/train.json)" in text and "(default: Qwen/Qwen3-VL-2B-Instruct)" in text
+    assert "unset: ./data/test.json (held out by prepare_data.py --test_size) if it exists" in text
+    assert "else the training shard ./data/site-1/train.json" in text and "(default: Qwen/Qwen3-VL-2B-Instruct)" in text
+
+
+def test_default_data_file_is_the_held_out_test_file_and_the_scored_file_is_printed(
+    tiny_model_dir, synthetic_pubmedvision, tmp_path, monkeypatch, capsys
+):
+    records = json.loads((synthetic_pubmedvision / "PubMedVision_InstructionTuning_VQA.json").read_text())
+    (tmp_path / "data" / "site-1").mkdir(parents=True)
+    (tmp_path / "data" / "site-1" / "train.json").write_text(json.dumps(records[:2]))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_path", str(tiny_model_dir), "--image_root", str(synthetic_pubmedvision), "--num_samples", "1"]
+    argv += FAST
+    rows = ri.run(ri.parse_args(argv))
+    captured = capsys.readouterr()
+    assert rows[0]["id"] == records[0]["id"] and "Scoring ./data/site-1/train.json" in captured.out
+    assert "no ./data/test.json" in captured.err and "training shard" in captured.err
+
+    (tmp_path / "data" / "test.json").write_text(json.dumps(records[5:7]))
+    rows = ri.run(ri.parse_args(argv))
+    assert rows[0]["id"] == records[5]["id"] and "Scored ./data/test.json" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- score_records (per round)
+
+
+def test_score_records_batched_equals_one_by_one_and_scores_sanely(
+    lively_model_dir, tiny_model_dir, synthetic_pubmedvision
+):
+    model, processor = ri.load_model(str(lively_model_dir), str(tiny_model_dir), "cpu", torch.float32, 784, 50176)
+    model.train()
+    processor.tokenizer.padding_side = "right"  # as a trainer may leave it: restored after each call
+    records = ri.load_records(synthetic_pubmedvision / "PubMedVision_InstructionTuning_VQA.json")[:8]
+    common = {"image_root": synthetic_pubmedvision, "max_samples": 5, "max_new_tokens": 4}
+
+    samples, batched = ri.answer_records(model, processor, records, batch_size=3, **common)
+    _, single = ri.answer_records(model, processor, records, batch_size=1, **common)
+    assert [s.id for s in samples] == [r["id"] for r in records[:5]] and batched == single
+    assert len(set(batched)) > 1 and model.training and processor.tokenizer.padding_side == "right"
+
+    scores = ri.score_records(model, processor, records, batch_size=3, **common)
+    assert scores["num_samples"] == 5 and scores["num_closed"] == 0 and math.isnan(scores["closed_acc"])
+    assert 0 <= scores["exact_match"] <= scores["token_f1"] < 1  # random answers: no reference matched
+
+    # three references set to the model's own answers (matched exactly), two to "No" (closed, not matched)
+    own = json.loads(json.dumps(records[:5]))
+    for record, answer in zip(own, batched, strict=True):
+        record["conversations"][1]["value"] = answer
+    own[1]["conversations"][1]["value"] = own[3]["conversations"][1]["value"] = "No"
+    _, own_answers = ri.answer_records(model, processor, own, batch_size=3, **common)
+    assert own_answers == batched
+    perfect = ri.score_records(model, processor, own, batch_size=2, **common)
+    assert perfect["exact_match"] == 3 / 5 and perfect["num_closed"] == 2 and perfect["closed_acc"] == 0.0
+    assert set(perfect) >= {"exact_match", "token_f1", "rouge_l", "closed_acc", "num_samples", "num_closed"}
+
+
+def test_score_records_names_a_record_whose_image_is_missing(tiny_model_dir, synthetic_pubmedvision):
+    model, processor = ri.load_model(str(tiny_model_dir), str(tiny_model_dir), "cpu", torch.float32, 784, 50176)
+    record = {"id": "gone", "image": ["images/none.jpg"], "conversations": [{"from": "human", "value": "Q?"}]}
+    with pytest.raises(ri.UserError, match="record gone: image not found"):
+        ri.score_records(model, processor, [record], synthetic_pubmedvision)
+    with pytest.raises(ri.UserError, match="no records to score"):
+        ri.score_records(model, processor, [], synthetic_pubmedvision)
 
 
 # ------------------------------------------------------------------------------------------------- end to end
