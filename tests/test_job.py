@@ -417,3 +417,24 @@ def test_prod_mode_submits_with_an_admin_startup_kit(tiny_model_dir, site_data, 
     results = proc.stdout.split("Results under")[1]
     for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png"):
         assert what in results, what
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--server_optimizer", "sgd"], "--server_optimizer: invalid choice: 'sgd'"),
+        (["--server_lr", "-0.1"], "--server_lr -0.1 must be a positive number"),
+        (["--server_eps", "0"], "--server_eps 0 must be a positive number"),
+        (["--server_momentum", "1"], "--server_momentum 1 must be in [0, 1)"),
+        (["--server_betas", "0.9", "1.5"], "--server_betas 0.9 1.5 must be in [0, 1)"),
+    ],
+)
+def test_bad_server_optimizer_flags_are_refused_at_parse_time(flags, message, site_data, capsys):
+    from job import check_inputs, define_parser
+
+    with pytest.raises(SystemExit) as exited:
+        args = define_parser().parse_args(
+            ["--n_clients", "2", "--num_rounds", "1", "--data_dir", str(site_data), *flags]
+        )
+        check_inputs(args)
+    assert message in f"{exited.value.code} {capsys.readouterr().err}"
