@@ -240,6 +240,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self._keys = list(weights)
             self._global = {k: v for k, v in transport.join(weights).items() if isinstance(v, torch.Tensor)}
         elif event_type == EventType.END_RUN:
+            _OPTIMIZERS.pop(fl_ctx.get_job_id(), None)
             self.wait_for_discard()
             transport.shutdown()
 
