@@ -9,6 +9,11 @@ rounding (the server's downloads cast each item as they send it, `transport`). A
 `ERROR` in its meta) is left out; a tensor a site did not send (it froze it) counts as no change from that site; when
 no site contributes the global model stays as it was. Per round it also writes `site_metrics.json` (loss, samples,
 steps, seconds, weight per site) next to the global model.
+A server optimizer (Reddi et al., "Adaptive Federated Optimization", ICLR 2021) can take the average update as its
+pseudo-gradient (`ServerOptimizer`: fedavgm, fedadam, fedyogi, or fedavg with a server learning rate); plain FedAvg
+(server_lr 1) keeps the in-place path below. When sites report `val_loss` and `val_samples` (scored on the global model
+they received), the sample-weighted mean goes into `site_metrics.json` and the persistor keeps the best scored
+global model as `FL_best_model.pt`.
 With NVFlare's tensor disk offload (job.py turns it on) the sites' updates arrive as files on the server's disk; the
 average is then taken a slice at a time when the last one is in, from the mapped files, so the server never holds a
 whole update or a second copy of the model in memory. Tensors sent in row parts (transport.py) are averaged into
@@ -20,7 +25,9 @@ fp32, writes `FL_global_model.pt` atomically every round with the exact fp32 glo
 the next round goes on, finished before the next average changes its tensors), and, when the run ends, writes the
 global model's bf16 rounding as a Hugging Face directory (weights plus processor) that
 `Qwen3VLForConditionalGeneration.from_pretrained` loads. It keeps no weights of its own: the global model's tensors
-are the only copy on the server.
+are the only copy on the server. It writes the initial model too, so `FL_global_model.pt` always holds the model the
+sites are training from; the server optimizer's state goes beside it (`FL_server_optimizer.pt`, in the same background
+save) and is loaded again with `--resume_from`.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
@@ -52,6 +60,14 @@ SITE_METRICS_FILE = "site_metrics.json"
 HF_DIR_NAME = "hf_global_model"
 NUM_SAMPLES = "NUM_SAMPLES"
 SLICE = 1 << 22  # elements averaged at a time: 16 MiB fp32 buffers
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+OPTIMIZER_FILE = "FL_server_optimizer.pt"
+BEST_MODEL_FILE = "FL_best_model.pt"
+OPTIMIZER_TOKEN = "server_optimizer_token"  # in both files of one save: the state belongs to that model
+BEST_META = "val_loss_best"  # the aggregate's meta: the global model the sites received this round scored best
+MEAN = "weighted mean"  # site_metrics.json: the "site" of a round's weighted val_loss entry
+# The run's server optimizer by job id: the aggregator holds it, the persistor saves and restores its state.
+_OPTIMIZERS: dict = {}
 
 
 def _atomic_write_json(path: Path, data) -> None:
@@ -93,17 +109,113 @@ class OffloadedTensor:
         return self.ref.materialize()
 
 
+class ServerOptimizer:
+    """A server optimizer over the average update Δ (the pseudo-gradient; updates are new − old, so steps add):
+
+    fedavg: w += lr·Δ; fedavgm: m = β·m + Δ, w += lr·m; fedadam: m = β1·m + (1−β1)·Δ, v = β2·v + (1−β2)·Δ²,
+    w += lr·m/(√v + ε); fedyogi: as fedadam with v = v − (1−β2)·Δ²·sign(v − Δ²). As in the paper's algorithms there
+    is no bias correction, and the moments start at zero. The state is fp32 on the CPU, one flat tensor per moment for
+    each tensor an update has reached (allocated then), stepped a slice at a time.
+    """
+
+    def __init__(
+        self,
+        name: str = "fedavg",
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-3,
+    ):
+        if name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer {name!r} is not one of {', '.join(SERVER_OPTIMIZERS)}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"server_lr {lr} must be a positive number")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"server_momentum {momentum} must be in [0, 1)")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"server_betas {betas} must be two numbers in [0, 1)")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"server_eps {eps} must be a positive number")
+        self.name, self.lr, self.momentum, self.betas, self.eps = name, float(lr), momentum, tuple(betas), eps
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # tensor name -> moment name -> flat fp32 tensor
+
+    @property
+    def plain(self) -> bool:
+        """FedAvg as it was: the average added as it is (the aggregator's in-place path)."""
+        return self.name == "fedavg" and self.lr == 1.0
+
+    def moments(self, name: str, numel: int) -> dict[str, torch.Tensor]:
+        """The tensor's moments, made (zeros) when an update first reaches it."""
+        if name not in self.state:
+            kinds = {"fedavg": (), "fedavgm": ("m",)}.get(self.name, ("m", "v"))
+            self.state[name] = {k: torch.zeros(numel, dtype=torch.float32) for k in kinds}
+        return self.state[name]
+
+    def step(self, moments: dict, start: int, weights: torch.Tensor, delta: torch.Tensor, tmp: torch.Tensor) -> None:
+        """One slice's step: `weights` (fp32 view of the global model) += the step for `delta`, the slice's average
+        update at flat offset `start` of its tensor. `delta` and `tmp` (same size) are scratch buffers."""
+        stop = start + delta.numel()
+        if self.name == "fedavg":
+            weights.add_(delta, alpha=self.lr)
+            return
+        m = moments["m"][start:stop]
+        if self.name == "fedavgm":
+            weights.add_(m.mul_(self.momentum).add_(delta), alpha=self.lr)
+            return
+        beta1, beta2 = self.betas
+        v, square = moments["v"][start:stop], tmp.copy_(delta).mul_(delta)
+        m.mul_(beta1).add_(delta, alpha=1 - beta1)
+        if self.name == "fedadam":
+            v.mul_(beta2).add_(square, alpha=1 - beta2)
+        else:
+            sign = delta.copy_(v).sub_(square).sign_()
+            v.sub_(square.mul_(sign), alpha=1 - beta2)
+        weights.addcdiv_(m, delta.copy_(v).sqrt_().add_(self.eps), value=self.lr)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for moments in self.state.values() for t in moments.values())
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.name, "state": self.state}
+
+    def load_state_dict(self, saved: dict, numels: dict[str, int]) -> str:
+        """Take a saved state whose tensors have the numels given (the global model's); says what it took."""
+        if saved.get("optimizer") != self.name:
+            return f"the saved state is {saved.get('optimizer')!r}'s, not {self.name!r}'s: the moments start at zero"
+        state = saved.get("state") or {}
+        bad = [k for k, moments in state.items() if any(t.numel() != numels.get(k) for t in moments.values())]
+        if bad:
+            raise ValueError(f"the saved server optimizer state does not fit the global model's tensors {bad[:5]}")
+        self.state = {
+            k: {n: t.to(torch.float32).reshape(-1) for n, t in moments.items()} for k, moments in state.items()
+        }
+        return f"continues {self.name}'s state of {len(self.state)} tensors ({self.nbytes():,} bytes)"
+
+
 class SampleWeightedFedAvg(ModelAggregator):
     """FedAvg of the sites' updates in fp32, weighted by `metrics["samples"]`, added to the fp32 global model in
     place; failed sites (weight 0, `ERROR` meta) are ignored."""
 
-    def __init__(self, weight_key: str = "samples", compress_weights: bool = True):
+    def __init__(
+        self,
+        weight_key: str = "samples",
+        compress_weights: bool = True,
+        server_optimizer: str = "fedavg",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.9,
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_eps: float = 1e-3,
+    ):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB updates
         if not transport.serialize_once_for_all_sites(packed=compress_weights, dtype=torch.bfloat16):
             self.logger.warning("another tensor decomposer was registered first: the global model goes as it is held")
         self.weight_key = weight_key
         self.compress_weights = compress_weights  # NVFlare's job config is written from the attributes
+        self.server_optimizer, self.server_lr, self.server_momentum = server_optimizer, server_lr, server_momentum
+        self.server_betas, self.server_eps = list(server_betas), server_eps
+        self.optimizer = ServerOptimizer(server_optimizer, server_lr, server_momentum, tuple(server_betas), server_eps)
+        self._best_val_loss: float | None = None
         self._global: dict[str, torch.Tensor] = {}  # the fp32 global model, under the tensors' own names
         self._keys: list[str] = []  # its keys as sent to the sites (row parts, transport.split)
         self._sum: dict[str, torch.Tensor] = {}  # fp32 weighted sums of updates that arrived in memory
@@ -119,6 +231,7 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
+        _OPTIMIZERS[fl_ctx.get_job_id()] = self.optimizer  # for the persistor, from the run's first event on
         if event_type == AppEventType.ROUND_STARTED:  # after FedAvg has set the offload up for the run
             transport.share_disk_offload_with_job_cell(fl_ctx.get_engine())
         elif event_type == AppEventType.INITIAL_MODEL_LOADED:
@@ -127,6 +240,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             self._keys = list(weights)
             self._global = {k: v for k, v in transport.join(weights).items() if isinstance(v, torch.Tensor)}
         elif event_type == EventType.END_RUN:
+            _OPTIMIZERS.pop(fl_ctx.get_job_id(), None)
             self.wait_for_discard()
             transport.shutdown()
 
@@ -142,7 +256,9 @@ class SampleWeightedFedAvg(ModelAggregator):
         if not error and model.params and model.params_type != ParamsType.DIFF:
             error = f"sent {model.params_type} weights; this server averages updates (ParamsType.DIFF)"
         record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
-        record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds") if k in metrics})
+        record.update(
+            {k: metrics[k] for k in ("loss", "samples", "steps", "seconds", "val_loss", "val_samples") if k in metrics}
+        )
         if error or not math.isfinite(weight) or weight <= 0 or not model.params:
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
@@ -179,6 +295,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         parts are views of the fp32 tensors.
         """
         self._history.extend(self._round_records)
+        best = self._score_received_model()
         self._write_history()
         made, served = transport.SERIALIZED.clear()  # every site has downloaded the global model by now
         if made:
@@ -186,28 +303,68 @@ class SampleWeightedFedAvg(ModelAggregator):
         if self._total <= 0:
             self.warning("no site contributed this round: the global model stays as it was")
             # An empty DIFF leaves the controller's global model untouched.
-            return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0})
+            return FLModel(params_type=ParamsType.DIFF, params={}, meta={"nr_contributing_sites": 0, BEST_META: best})
         start = time.perf_counter()
         on_disk = [({k: self._source(v) for k, v in update.items()}, weight) for update, weight in self._on_disk]
         targets = self._targets(on_disk)
-        for key, target in targets.items():
-            values = [(update[key], weight) for update, weight in on_disk if key in update]
-            self._average_into(target, values, self._sum.pop(key, None))
+        if self.optimizer.plain:
+            for key, target in targets.items():
+                values = [(update[key], weight) for update, weight in on_disk if key in update]
+                self._average_into(target, values, self._sum.pop(key, None))
+        else:
+            self._optimize(targets, on_disk)
         params = {key: transport.sent_as_is(self._view(key)) for key in self._keys}
         files = len({v.path for update, _ in on_disk for v in update.values() if isinstance(v, OffloadedTensor)})
         self._discard(on_disk)
         contributing = sum(1 for r in self._round_records if r["weight"] > 0)
         metrics = {"loss": self._loss_sum / self._total, "samples": self._total}
+        how = (
+            "added" if self.optimizer.plain else f"{self.optimizer.name} (server_lr {self.optimizer.lr:g}) stepped with"
+        )
         self.info(
-            f"added the fp32 average of {contributing} site(s)' updates over {self._total:g} samples to "
+            f"{how} the fp32 average of {contributing} site(s)' updates over {self._total:g} samples to "
             f"{len(targets)} of {len(self._keys)} tensors ({len(on_disk)} read from disk in {files} files) in "
             f"{time.perf_counter() - start:.1f} s"
         )
         result = FLModel(
-            params_type=ParamsType.FULL, params=params, metrics=metrics, meta={"nr_contributing_sites": contributing}
+            params_type=ParamsType.FULL,
+            params=params,
+            metrics=metrics,
+            meta={"nr_contributing_sites": contributing, BEST_META: best},
         )
         self.reset_stats()
         return result
+
+    def _score_received_model(self) -> int | None:
+        """The sample-weighted mean of the sites' `val_loss` (weights: `val_samples`), each scored on the global model
+        it received this round, recorded in the history. When it is the best so far, this round's number: the global
+        model the sites received (the one before this round's update) is the best; else None."""
+        scored = [
+            (float(r["val_loss"]), float(r["val_samples"]))
+            for r in self._round_records
+            if r.get("val_loss") is not None and r.get("val_samples")
+        ]
+        scored = [(loss, n) for loss, n in scored if math.isfinite(loss) and math.isfinite(n) and n > 0]
+        if not scored:
+            return None
+        samples = sum(n for _, n in scored)
+        val_loss = sum(loss * n for loss, n in scored) / samples
+        best = self._best_val_loss is None or val_loss < self._best_val_loss
+        if best:
+            self._best_val_loss = val_loss
+            for entry in self._history:
+                entry.pop("best", None)
+        round_num = self._round_records[0]["round"]
+        entry = {"round": round_num, "site": MEAN, "val_loss": val_loss, "val_samples": samples}
+        self._history.append(entry | ({"best": True} if best else {}))
+        self.info(f"round {round_num}: the global model the sites received scored val_loss {val_loss:.6g} over "
+                  f"{samples:g} samples{' (best so far)' if best else ''}")  # fmt: skip
+        return round_num if best else None
+
+    def _fp32(self, name: str) -> torch.Tensor:
+        if self._global[name].dtype != torch.float32 or not self._global[name].is_contiguous():
+            self._global[name] = self._global[name].to(torch.float32, memory_format=torch.contiguous_format)
+        return self._global[name]
 
     def _targets(self, on_disk: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
         """Per update key, the fp32 rows of the global model it changes; refuses unknown keys and wrong shapes."""
@@ -216,8 +373,7 @@ class SampleWeightedFedAvg(ModelAggregator):
             name, rows = transport.parse(key)
             if name not in self._global:
                 raise ValueError(f"a site sent an update for {key!r}, which the global model does not have")
-            if self._global[name].dtype != torch.float32 or not self._global[name].is_contiguous():
-                self._global[name] = self._global[name].to(torch.float32, memory_format=torch.contiguous_format)
+            self._fp32(name)
             target = self._view(key)
             shapes = {tuple(update[key].shape) for update, _ in on_disk if key in update}
             shapes |= {tuple(self._sum[key].shape)} if key in self._sum else set()
@@ -304,6 +460,42 @@ class SampleWeightedFedAvg(ModelAggregator):
                 acc.add_(value_fp32.copy_(value[start:stop]), alpha=weight)
             flat_target[start:stop].add_(acc, alpha=1 / self._total)
 
+    def _optimize(self, targets: dict[str, torch.Tensor], on_disk: list[tuple[dict, float]]) -> None:
+        """The server optimizer's step, tensor by tensor: each slice's average update is summed from every key that
+        covers it (row parts of any split) into a buffer, then stepped. A tensor with state that no site updated this
+        round steps with a zero update (its momentum goes on)."""
+        parts: dict[str, list] = {name: [] for name in self.optimizer.state}
+        for key, target in targets.items():
+            name, _ = transport.parse(key)
+            offset = target.storage_offset() - self._global[name].storage_offset()
+            parts.setdefault(name, []).append((offset, key, self._sum.pop(key, None)))
+        if self._slice_sum is None:
+            self._slice_sum, self._slice_value = torch.empty(SLICE, dtype=torch.float32), torch.empty(SLICE)
+        for name, keys in parts.items():
+            flat_target = self._fp32(name).view(-1)
+            moments = self.optimizer.moments(name, flat_target.numel())
+            # (offset, flat weighted sum in memory or None, [(flat offloaded update, weight)]): mapped for this tensor
+            sources = [
+                (offset, None if held is None else held.view(-1),
+                 [((v.tensor() if isinstance(v, OffloadedTensor) else v).reshape(-1), w)
+                  for update, w in on_disk if (v := update.get(key)) is not None])
+                for offset, key, held in keys
+            ]  # fmt: skip
+            for start in range(0, flat_target.numel(), SLICE):
+                stop = min(start + SLICE, flat_target.numel())
+                acc, tmp = self._slice_sum[: stop - start].zero_(), self._slice_value[: stop - start]
+                for offset, held, values in sources:
+                    size = (held if held is not None else values[0][0]).numel()
+                    lo, hi = max(start, offset), min(stop, offset + size)
+                    if lo >= hi:
+                        continue
+                    into = acc[lo - start : hi - start]
+                    if held is not None:
+                        into.add_(held[lo - offset : hi - offset])
+                    for value, weight in values:
+                        into.add_(tmp[: hi - lo].copy_(value[lo - offset : hi - offset]), alpha=weight)
+                self.optimizer.step(moments, start, flat_target[start:stop], acc.div_(self._total), tmp)
+
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
         if app_root:
@@ -330,25 +522,69 @@ class QwenPersistor(PTFileModelPersistor):
         self.hf_dir_name = hf_dir_name
         self.part_bytes = part_bytes  # the global model goes to the sites with larger tensors in row parts
         self._saver: threading.Thread | None = None
+        self._saved = False  # whether the last save wrote FL_global_model.pt
 
     def save_model(self, ml, fl_ctx: FLContext) -> None:
         """Take the new global model and write `FL_global_model.pt` (fp32) in the background, so the next round's
-        send does not wait for the disk. Each save waits for the one before; the run's end for the last.
+        send does not wait for the disk. Each save waits for the one before; the run's end for the last. When the
+        aggregate says the model the sites scored this round is the best, the file still holding it (fully written:
+        the save before this one is finished) becomes `FL_best_model.pt` first.
         """
         self.wait_for_save()
+        best_round = (ml.get(ModelLearnableKey.META) or {}).get(BEST_META)
+        if best_round is not None:
+            self._keep_best(best_round, fl_ctx)
         # The aggregate's own tensors under their own names (row parts are views of them), not a copy: the next
         # round's average changes them only after BEFORE_AGGREGATION, on which this persistor waits for the file.
         weights = transport.join(ml.get(ModelLearnableKey.WEIGHTS) or {})
         weights = {k: (materialize(v) if isinstance(v, transport.Parts) else v).detach() for k, v in weights.items()}
         self._get_persistence_manager(fl_ctx).update(make_model_learnable(weights, ml.get(ModelLearnableKey.META)))
-        self._saver = threading.Thread(target=self._save_file, name="global-model-save")
+        self._start_save(_OPTIMIZERS.get(fl_ctx.get_job_id()))
+
+    def _start_save(self, optimizer: ServerOptimizer | None) -> None:
+        self._saver = threading.Thread(target=self._save_file, args=(optimizer,), name="global-model-save")
         self._saver.start()
 
-    def _save_file(self) -> None:
+    def _save_file(self, optimizer: ServerOptimizer | None) -> None:
+        """The server optimizer's state (if it has any), then the model, each written atomically, with one token in
+        both: a state is only loaded with the model it was saved with."""
+        self._saved = False
         try:
+            token = None
+            if optimizer is not None and optimizer.state:
+                token = uuid.uuid4().hex
+                path = Path(self._ckpt_save_path).with_name(OPTIMIZER_FILE)
+                tmp = path.with_name(f".{path.name}.tmp")
+                with open(tmp, "wb") as f:
+                    torch.save(optimizer.state_dict() | {OPTIMIZER_TOKEN: token}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                self.logger.info(f"server optimizer state ({optimizer.name}): {optimizer.nbytes():,} bytes in {path}")
+            other = self.persistence_manager.other_props
+            other.pop(OPTIMIZER_TOKEN, None)
+            other.update({OPTIMIZER_TOKEN: token} if token else {})
             self.save_model_file(self._ckpt_save_path)  # NVFlare's atomic write (temp file, fsync, rename)
+            self._saved = True
         except Exception:
             self.logger.exception(f"could not write {self._ckpt_save_path}; the previous round's file is intact")
+
+    def _keep_best(self, round_num: int, fl_ctx: FLContext) -> None:
+        """`FL_best_model.pt`: the file of the global model the sites received in `round_num`, hard-linked (the next
+        save replaces FL_global_model.pt by a new file, leaving this one) or copied, then renamed into place."""
+        best = Path(self.log_dir) / BEST_MODEL_FILE
+        if not self._saved:
+            self.log_error(fl_ctx, f"the global model of round {round_num} scored best, but its file was not written: "
+                                   f"{best.name} is not updated")  # fmt: skip
+            return
+        tmp = best.with_name(f".{best.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self._ckpt_save_path, tmp)
+        except OSError:
+            shutil.copyfile(self._ckpt_save_path, tmp)
+        os.replace(tmp, best)
+        self.log_info(fl_ctx, f"{best}: the global model the sites received in round {round_num} (best val_loss)")
 
     def wait_for_save(self) -> None:
         if self._saver is not None:
@@ -367,12 +603,35 @@ class QwenPersistor(PTFileModelPersistor):
             learnable = make_model_learnable(weights, learnable.get(ModelLearnableKey.META))
             self.persistence_manager.update(learnable)  # holds the fp32 tensors, not the bf16 ones
             learnable[ModelLearnableKey.WEIGHTS] = transport.split(weights, self.part_bytes)
+            optimizer = _OPTIMIZERS.get(fl_ctx.get_job_id())
+            self._restore_optimizer(optimizer, fl_ctx)
+            self._start_save(optimizer)  # the initial model: the one round 0's val_loss scores
         # The global model now lives in the persistence manager (and the controller); the module's own tensors would
         # be a stale bf16 copy. Keep only its structure: export_hf puts the weights back.
         if self.model is not None:
             self.model = self.model.to("meta")
             self.model.model.tie_weights()  # .to() gives each module its own meta copy of a shared weight
         return learnable
+
+    def _restore_optimizer(self, optimizer: ServerOptimizer | None, fl_ctx: FLContext) -> None:
+        """Load the server optimizer's state saved beside the resumed model (`--resume_from`), if it is that save's."""
+        source = self.source_ckpt_file_full_name
+        if optimizer is None or optimizer.name == "fedavg" or not source:
+            return
+        if not os.path.isabs(source):  # as NVFlare resolves it
+            source = os.path.join(fl_ctx.get_prop(FLContextKey.APP_ROOT), WorkspaceConstants.CUSTOM_FOLDER_NAME, source)
+        path = Path(source).with_name(OPTIMIZER_FILE)
+        if not path.is_file():
+            self.log_info(fl_ctx, f"no {path.name} beside {source}: {optimizer.name}'s moments start at zero")
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        token = self.persistence_manager.other_props.get(OPTIMIZER_TOKEN)
+        if saved.get(OPTIMIZER_TOKEN) != token:
+            self.log_warning(fl_ctx, f"{path} was not saved with {source} (an interrupted save?): "
+                                     f"{optimizer.name}'s moments start at zero")  # fmt: skip
+            return
+        numels = {k: v.numel() for k, v in self.persistence_manager.var_dict.items()}
+        self.log_info(fl_ctx, f"{path}: {optimizer.load_state_dict(saved, numels)}")
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
         if event in (EventType.END_RUN, AppEventType.GLOBAL_BEST_MODEL_AVAILABLE, AppEventType.BEFORE_AGGREGATION):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -84,6 +85,25 @@ def define_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task_request_interval", type=float, default=0.25,
         help="seconds a site waits before asking the server for its next task again (NVFlare's default: 2)",
+    )  # fmt: skip
+    o = p.add_argument_group(
+        "server optimizer (Reddi et al., Adaptive Federated Optimization, ICLR 2021)",
+        "the sample-weighted average of the sites' updates is the pseudo-gradient; no bias correction, as in the paper",
+    )
+    o.add_argument(
+        "--server_optimizer", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"), default="fedavg",
+        help="fedavg: w += lr*avg; fedavgm: server momentum; fedadam / fedyogi: adaptive",
+    )  # fmt: skip
+    o.add_argument("--server_lr", type=float, default=1.0, help="server learning rate (fedavg with 1: plain FedAvg)")
+    o.add_argument("--server_momentum", type=float, default=0.9, help="fedavgm's momentum")
+    o.add_argument(
+        "--server_betas", type=float, nargs=2, default=[0.9, 0.99], metavar=("BETA1", "BETA2"),
+        help="fedadam / fedyogi: decay of the first and second moments",
+    )  # fmt: skip
+    o.add_argument(
+        "--server_eps", type=float, default=1e-3,
+        help="fedadam / fedyogi: adaptivity tau added to sqrt(v); 1e-3 is the paper's tuned value (often better than "
+        "Adam's 1e-8 for federated updates)",
     )  # fmt: skip
     t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
     t.add_argument("--launch_timeout", type=float, default=1800, help="site process start-up to first contact")
@@ -220,6 +240,14 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit("error: --n_clients, --num_rounds and --nproc_per_client must be at least 1")
     if args.part_mb < 0:
         raise SystemExit(f"error: --part_mb {args.part_mb:g} is negative (0 sends every tensor whole)")
+    if not (math.isfinite(args.server_lr) and args.server_lr > 0):
+        raise SystemExit(f"error: --server_lr {args.server_lr:g} must be a positive number")
+    if not 0 <= args.server_momentum < 1:
+        raise SystemExit(f"error: --server_momentum {args.server_momentum:g} must be in [0, 1)")
+    if not all(0 <= b < 1 for b in args.server_betas):
+        raise SystemExit(f"error: --server_betas {' '.join(f'{b:g}' for b in args.server_betas)} must be in [0, 1)")
+    if not (math.isfinite(args.server_eps) and args.server_eps > 0):
+        raise SystemExit(f"error: --server_eps {args.server_eps:g} must be a positive number")
     if not args.task_request_interval > 0:
         raise SystemExit(f"error: --task_request_interval {args.task_request_interval:g} must be a positive number")
     return sites
@@ -245,7 +273,14 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         model_persistor=QwenPersistor(
             args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
         ),
-        aggregator=SampleWeightedFedAvg(compress_weights=args.compress_weights),
+        aggregator=SampleWeightedFedAvg(
+            compress_weights=args.compress_weights,
+            server_optimizer=args.server_optimizer,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
+            server_betas=args.server_betas,
+            server_eps=args.server_eps,
+        ),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
         server_expected_format=ExchangeFormat.PYTORCH,  # NumPy has no bf16
@@ -307,6 +342,7 @@ def find_outputs(root: Path) -> dict[str, list[Path]]:
     """Everything worth pointing at under a finished job's workspace (simulator) or downloaded result."""
     return {
         "global model (.pt)": sorted(root.rglob("FL_global_model.pt")),
+        "best global model by val_loss (.pt)": sorted(root.rglob("FL_best_model.pt")),
         "global model (Hugging Face dir)": sorted(p.parent for p in root.rglob("hf_global_model/config.json")),
         "per-site metrics": sorted(root.rglob("site_metrics.json")),
         "TensorBoard logs": sorted(root.rglob("tb_events")),

@@ -8,6 +8,7 @@ Expected values are computed by hand in float64.
 """
 
 import copy
+import json
 import threading
 import time
 
@@ -350,3 +351,169 @@ def test_the_persistor_loads_fp32_saves_the_exact_global_and_exports_its_bf16_ro
     assert not torch.equal(written[name], base[name])  # the sub-step updates added up to a bf16 step or more
     model = Qwen3VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16)
     assert torch.equal(model.state_dict()[name], expected[name].to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------ server optimizers
+
+
+def optimizer_by_hand(name: str, lr: float, initial: dict, rounds: list[list[tuple[dict, float]]]) -> dict:
+    """Reddi et al.'s server step over each round's sample-weighted average update, in float64: momentum 0.9,
+    betas (0.9, 0.99), eps 1e-3, no bias correction, moments from zero; a tensor with moments that no site updated
+    in a round steps with a zero update."""
+    w = {k: v.double() for k, v in initial.items()}
+    m, v = {}, {}
+    for updates in rounds:
+        total = sum(weight for _, weight in updates)
+        sent = {k for u, _ in updates for k in u}
+        delta = {k: sum(wt * u[k].double() for u, wt in updates if k in u) / total for k in sent}
+        for k in sent | set(m):
+            d = delta.get(k, torch.zeros_like(w[k]))
+            if name == "fedavg":
+                w[k] += lr * d
+                continue
+            if name == "fedavgm":
+                m[k] = 0.9 * m.get(k, 0) + d
+                w[k] += lr * m[k]
+                continue
+            m[k] = 0.9 * m.get(k, 0) + 0.1 * d
+            old = v.get(k, torch.zeros_like(d))
+            v[k] = 0.99 * old + 0.01 * d**2 if name == "fedadam" else old - 0.01 * d**2 * torch.sign(old - d**2)
+            w[k] += lr * m[k] / (v[k].sqrt() + 1e-3)
+    return w
+
+
+@pytest.mark.parametrize("name,lr", [("fedavg", 0.5), ("fedavgm", 1.0), ("fedadam", 0.01), ("fedyogi", 0.01)])
+def test_server_optimizers_match_the_papers_update_by_hand_over_two_rounds(name, lr, tmp_path, monkeypatch):
+    """Round 0: both tensors, one site's update on disk in row parts of another split; round 1: only "a" is sent,
+    so "b" moves by its momentum alone. Slices of 100 elements: a row part starts inside a slice."""
+    monkeypatch.setattr(fl_server, "SLICE", 100)
+    initial = weights(0)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(transport.split(dict(initial), 3000), {}))
+    aggregator = SampleWeightedFedAvg(server_optimizer=name, server_lr=lr)
+    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
+    rounds = [[(update(0), 3.0), (update(1), 1.0)], [(update(2, keys=("a",)), 2.0), (update(3, keys=("a",)), 5.0)]]
+    for r, updates in enumerate(rounds):
+        for i, (params, samples) in enumerate(updates):
+            sent = transport.split(params, 7 * 32 * 2) if i else params  # 7 rows a part: offsets inside slices
+            sent = offloaded(sent, tmp_path / f"{r}-{i}") if i else sent
+            aggregator.accept_model(site_update(sent, samples, f"site-{i}"))
+        result = aggregator.aggregate_model().params
+    assert_fp32_close(transport.join(result), optimizer_by_hand(name, lr, initial, rounds))
+    moments = {"fedavg": set(), "fedavgm": {"m"}}.get(name, {"m", "v"})
+    assert all(set(aggregator.optimizer.state[k]) == moments for k in ("a", "b"))
+    assert not torch.equal(result["b"], initial["b"].float())
+
+
+def test_fedavg_with_server_lr_1_takes_the_plain_in_place_path(monkeypatch):
+    """fedavg at server_lr 1 is today's arithmetic, bit for bit: the optimizer is never stepped."""
+    monkeypatch.setattr(fl_server.ServerOptimizer, "step", lambda *a: pytest.fail("stepped"))
+    initial = weights(0)
+    aggregator = started(dict(initial))
+    assert aggregator.optimizer.plain
+    aggregator.accept_model(site_update(update(0), 2.0, "site-0"))
+    assert_fp32_close(aggregator.aggregate_model().params, by_hand(initial, [(update(0), 2.0)]))
+    assert aggregator.optimizer.state == {}
+
+
+@pytest.mark.parametrize("bad", [{"server_optimizer": "sgd"}, {"server_lr": -1.0}, {"server_eps": 0.0}])
+def test_bad_server_optimizer_settings_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SampleWeightedFedAvg(**bad)
+
+
+def pt_persistor(source, app_root, job_id: str) -> tuple[fl_server.QwenPersistor, FLContext]:
+    """The persistor on a small .pt model (no Hugging Face model behind it), writing into `app_root`."""
+    from nvflare.apis.fl_constant import ReservedKey
+
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_root), private=True, sticky=True)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=True)
+    persistor = fl_server.QwenPersistor("unused-model-path", source_ckpt_file_full_name=str(source), part_bytes=3000)
+    persistor.model = None
+    persistor.log_dir = str(app_root)
+    persistor._ckpt_save_path = str(app_root / "FL_global_model.pt")
+    app_root.mkdir(exist_ok=True)
+    return persistor, fl_ctx
+
+
+def run_rounds(source, app_root, rounds, job_id: str, val_losses=None, **optimizer) -> dict:
+    """A run as FedAvg drives it: the aggregator starts, the persistor loads `source`, and each round the sites'
+    updates are accepted, averaged and the result saved. Returns the final global model as saved."""
+    persistor, fl_ctx = pt_persistor(source, app_root, job_id)
+    aggregator = SampleWeightedFedAvg(**optimizer)
+    aggregator.handle_event(EventType.START_RUN, fl_ctx)
+    learnable = persistor.load_model(fl_ctx)
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, learnable, private=True, sticky=True)
+    aggregator.handle_event(AppEventType.INITIAL_MODEL_LOADED, fl_ctx)
+    for r, updates in rounds:
+        persistor.handle_event(AppEventType.BEFORE_AGGREGATION, fl_ctx)
+        for i, (params, samples) in enumerate(updates):
+            model = site_update(params, samples, f"site-{i}")
+            model.current_round = r
+            if val_losses and val_losses[r][i] is not None:
+                model.metrics |= {"val_loss": val_losses[r][i], "val_samples": 10.0 * (i + 1)}
+            aggregator.accept_model(model)
+        result = aggregator.aggregate_model()
+        persistor.save_model(make_model_learnable(result.params, result.meta), fl_ctx)
+    persistor.wait_for_save()
+    return torch.load(app_root / "FL_global_model.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
+def test_a_run_resumed_after_round_2_of_4_ends_where_the_uninterrupted_one_does(name, tmp_path):
+    source = tmp_path / "initial.pt"
+    torch.save({"model": {k: v.float() for k, v in weights(0).items()}}, source)
+    rounds = [(r, [(update(2 * r), 1.0), (update(2 * r + 1, keys=("a",)), 3.0)]) for r in range(4)]
+    settings = {"server_optimizer": name, "server_lr": 0.01}
+    whole = run_rounds(source, tmp_path / "whole", rounds, "whole", **settings)
+
+    run_rounds(source, tmp_path / "first", rounds[:2], "first", **settings)
+    state = tmp_path / "first" / fl_server.OPTIMIZER_FILE
+    saved = torch.load(state, weights_only=True)
+    assert set(saved["state"]) == {"a", "b"}  # only the trained tensors have state
+    resumed = run_rounds(
+        tmp_path / "first" / "FL_global_model.pt", tmp_path / "second", rounds[2:], "second", **settings
+    )
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+    state.unlink()  # without its state the resumed run starts its moments at zero, and ends elsewhere
+    fresh = run_rounds(tmp_path / "first" / "FL_global_model.pt", tmp_path / "third", rounds[2:], "third", **settings)
+    assert not torch.equal(fresh["a"], whole["a"])
+
+
+@pytest.mark.parametrize(
+    "val_losses,best",
+    [
+        ([(1.0, 2.0), (1.0, 0.5), (2.0, None), (9.0, 9.0)], 1),  # weighted means 5/3, 2/3, 2 (site-0 alone), 9
+        ([(1.0, 1.0), (2.0, 2.0), (None, None)], 0),  # the initial model scored best
+        ([(None, None), (None, None)], None),  # no site reports val_loss: no best model
+    ],
+)
+def test_the_best_model_is_the_global_model_the_sites_scored_best(val_losses, best, tmp_path):
+    """Round r's val_loss scores the global model the sites received in round r (the initial one in round 0):
+    FL_best_model.pt is that model, and site_metrics.json has each round's weighted mean (val_samples: site-0 10,
+    site-1 20; a site without val_loss is skipped), the best one marked."""
+    source = tmp_path / "initial.pt"
+    torch.save({"model": {k: v.float() for k, v in weights(0).items()}}, source)
+    rounds = [(r, [(update(2 * r), 1.0), (update(2 * r + 1), 3.0)]) for r in range(len(val_losses))]
+    app = tmp_path / "app"
+    models = [{k: v.float() for k, v in weights(0).items()}]  # the global model each round's sites received
+    for r in range(len(rounds)):
+        models.append(run_rounds(source, tmp_path / f"upto{r}", rounds[: r + 1], f"upto{r}"))
+    run_rounds(source, app, rounds, "best", val_losses=val_losses)
+
+    records = json.loads((app / fl_server.SITE_METRICS_FILE).read_text())
+    means = [r for r in records if r["site"] == fl_server.MEAN]
+    scored = [(r, losses) for r, losses in enumerate(val_losses) if any(x is not None for x in losses)]
+    assert [m["round"] for m in means] == [r for r, _ in scored]
+    for mean, (_, losses) in zip(means, scored, strict=True):
+        pairs = [(x, 10.0 * (i + 1)) for i, x in enumerate(losses) if x is not None]
+        assert mean["val_loss"] == pytest.approx(sum(x * n for x, n in pairs) / sum(n for _, n in pairs))
+        assert mean["val_samples"] == sum(n for _, n in pairs)
+    assert [m["round"] for m in means if m.get("best")] == ([] if best is None else [best])
+    if best is None:
+        assert not (app / fl_server.BEST_MODEL_FILE).exists()
+        return
+    kept = torch.load(app / fl_server.BEST_MODEL_FILE, weights_only=True)["model"]
+    assert all(torch.equal(kept[k], models[best][k]) for k in kept)

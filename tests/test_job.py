@@ -417,3 +417,57 @@ def test_prod_mode_submits_with_an_admin_startup_kit(tiny_model_dir, site_data, 
     results = proc.stdout.split("Results under")[1]
     for what in ("FL_global_model.pt", "hf_global_model", "loss_per_site.png"):
         assert what in results, what
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--server_optimizer", "sgd"], "--server_optimizer: invalid choice: 'sgd'"),
+        (["--server_lr", "-0.1"], "--server_lr -0.1 must be a positive number"),
+        (["--server_eps", "0"], "--server_eps 0 must be a positive number"),
+        (["--server_momentum", "1"], "--server_momentum 1 must be in [0, 1)"),
+        (["--server_betas", "0.9", "1.5"], "--server_betas 0.9 1.5 must be in [0, 1)"),
+    ],
+)
+def test_bad_server_optimizer_flags_are_refused_at_parse_time(flags, message, site_data, capsys):
+    from job import check_inputs, define_parser
+
+    with pytest.raises(SystemExit) as exited:
+        args = define_parser().parse_args(
+            ["--n_clients", "2", "--num_rounds", "1", "--data_dir", str(site_data), *flags]
+        )
+        check_inputs(args)
+    assert message in f"{exited.value.code} {capsys.readouterr().err}"
+
+
+@pytest.mark.slow
+def test_fedavgm_steps_the_global_model_with_server_momentum_and_saves_its_state(
+    tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """fedavgm at server_lr 0.5 through the simulator: m = 0.9 m + avg, w += 0.5 m, from what the sites sent."""
+    from model import Qwen3VLModel
+
+    proc = run_job(
+        "--n_clients", "2", "--num_rounds", "2", "--max_steps", "1",
+        "--data_dir", str(site_data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "2e-3",
+        "--workspace", str(tmp_path), "--master_port", str(free_port_base(2)), f"--train_args={demo_train_args()}",
+        "--server_optimizer", "fedavgm", "--server_lr", "0.5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ws = tmp_path / JOB_NAME
+    sent, weights = sent_updates(ws, SITE_SIZES, (0, 1))
+    expected = {k: v.double() for k, v in Qwen3VLModel(str(tiny_model_dir)).state_dict().items()}
+    momentum = {}
+    for rnd in (0, 1):
+        after = expected_global({k: v.clone() for k, v in expected.items()}, sent, weights, (rnd,))  # adds in place
+        average = {k: v - expected[k] for k, v in after.items()}
+        for key in {k for (r, _), update in sent.items() if r == rnd for k in update}:
+            momentum[key] = 0.9 * momentum.get(key, 0) + average[key]
+            expected[key] += 0.5 * momentum[key]
+    final = global_weights(ws)
+    for key, value in final.items():
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
+    state = torch.load(server_app(ws) / "FL_server_optimizer.pt", weights_only=True)
+    assert state["optimizer"] == "fedavgm" and set(state["state"]) == set(momentum)
+    assert "server optimizer state (fedavgm)" in (ws / "server" / "log.txt").read_text()
