@@ -111,6 +111,44 @@ def test_labels_are_exactly_each_answer_and_its_im_end(synthetic_pubmedvision, p
     assert re.search(r"And this one\?\n<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|><\|im_end\|>", text)
 
 
+@pytest.mark.parametrize("lead", ["\n", "\n\n"])
+def test_an_answer_starting_with_newlines_is_labelled(synthetic_pubmedvision, processor, lead):
+    """BPE merges the header's "\\n" with the answer's leading newlines into one token: the header must still match."""
+    record = _records(synthetic_pubmedvision)[0]
+    answer = "A round shape."
+    turns = [record["conversations"][0], {"from": "gpt", "value": lead + answer}]
+    sample = _dataset([{**record, "conversations": turns}], synthetic_pubmedvision, processor).encode(0)
+    tok = processor.tokenizer
+    text = tok.decode(sample["input_ids"])
+    assert "<|im_start|>assistant\n" + lead + answer in text
+    assert tok.convert_ids_to_tokens(tok.encode("assistant\n" + lead, add_special_tokens=False))[-1] == (
+        "\u010a" * (1 + len(lead))  # one merged newline token: "assistant\\n" alone would not match
+    )
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert _label_runs(sample["labels"]) == [tok.encode(answer, add_special_tokens=False) + [im_end]]
+
+
+def test_a_sample_without_labels_is_skipped_and_counted(synthetic_pubmedvision, processor, trainer, caplog):
+    """If no header matches (here: only a lone "\\n" after the header counts, as before), the sample is not trained
+    on in silence: it is skipped, and the round counts it."""
+    records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 1][:3]
+    leading = {**records[0], "id": "leading-newline", "conversations": [records[0]["conversations"][0],
+               {"from": "gpt", "value": "\n\nAnswer."}]}  # fmt: skip
+    dataset = _dataset([leading, *records[1:]], synthetic_pubmedvision, processor)
+    dataset.newline_ids = {processor.tokenizer.convert_tokens_to_ids("\u010a")}
+    with pytest.raises(SkipSample, match="leading-newline.*no answer token"):
+        dataset.encode(0)
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        assert dataset[0]["skipped_no_labels"] == 1 and "leading-newline" in caplog.text
+    original, trainer.dataset = trainer.dataset, dataset
+    _small_round(trainer, per_device_train_batch_size=3)
+    try:
+        metrics = trainer.train_round().metrics
+    finally:
+        trainer.dataset = original
+    assert (metrics["samples"], metrics["skipped_no_labels"], metrics["skipped_samples"]) == (3, 1, 1)
+
+
 def test_raw_and_shard_formats_give_the_same_tokens(synthetic_pubmedvision, processor):
     records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 2][:1]
     raw = _dataset(records, synthetic_pubmedvision, processor).encode(0)
@@ -209,7 +247,7 @@ def test_collator_pads_right_and_stacks_images(synthetic_pubmedvision, processor
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     assert batch["image_grid_thw"].shape == (3, 3)
     assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples)
-    assert batch["sample_counts"].tolist() == [2, 0, 0]
+    assert batch["sample_counts"].tolist() == [2, 0, 0, 0]
 
 
 def _mixed_samples(synthetic_pubmedvision, processor) -> list[dict]:
@@ -241,7 +279,7 @@ def test_packed_collator_puts_samples_end_to_end_with_their_own_positions(synthe
     image = samples[0]["mm_token_type_ids"] == 1  # image tokens: a 2-D grid of (h, w) positions, not a line
     assert len(set(positions[2, 0, : lengths[0]][image].tolist())) < int(image.sum())
     assert torch.equal(positions[1, 0, lengths[0] + lengths[1] :], positions[0, 0, lengths[0] + lengths[1] :])
-    assert batch["image_grid_thw"].shape == (3, 3) and batch["sample_counts"].tolist() == [3, 0, 0]
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["sample_counts"].tolist() == [3, 0, 0, 0]
 
 
 def test_packed_batches_compute_what_padded_batches_do(synthetic_pubmedvision, processor, tiny_model_dir):
