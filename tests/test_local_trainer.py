@@ -4,6 +4,7 @@ updates, checkpoints."""
 import gc
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -643,6 +644,64 @@ def test_the_round_number_seeds_the_data_order(trainer, initial_state):
     assert not all(torch.equal(first.update[k], other.update[k]) for k in first.update)
     trainer.train_round(initial_state, round_num=5)
     assert trainer.round == 6  # rounds go on from the federation's round, not from how many this trainer ran
+
+
+def _logged_lrs(caplog, round_num: int) -> list[float]:
+    """The learning rate of each optimizer step of round `round_num`, as the trainer logged it."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"round {round_num} learning rate")]
+    return json.loads(lines[-1].split(": ", 1)[1])
+
+
+@pytest.mark.parametrize("schedule", ["run", "round"])
+def test_one_learning_rate_schedule_over_the_run(trainer, initial_state, caplog, schedule):
+    """2 rounds of 2 steps, cosine with warmup: `run` warms up once and decays over the 4 steps (the second round
+    continues where the first left off, whichever order they run in); `round` restarts it every round (a sawtooth,
+    each round's first step at lr 0)."""
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, warmup_ratio=0.25, lr_scheduler_type="cosine")
+    trainer.config = replace(trainer.config, lr_schedule=schedule)
+    lrs, metrics = {}, {}
+    with caplog.at_level(logging.INFO, logger="local_trainer"):
+        for round_num in (1, 0):  # a rebuilt or resumed trainer starts at round 1: its place comes from round_num
+            metrics[round_num] = trainer.train_round(initial_state, round_num=round_num, total_rounds=2).metrics
+            lrs[round_num] = _logged_lrs(caplog, round_num)
+    steps = lrs[0] + lrs[1]
+    assert [metrics[r]["lr_first"] for r in (0, 1)] == [lrs[0][0], lrs[1][0]]
+    assert [metrics[r]["lr_last"] for r in (0, 1)] == [lrs[0][-1], lrs[1][-1]]
+    if schedule == "run":  # warmup of ceil(0.25 * 4) = 1 step at half the peak, then cosine over the other 3
+        expected = [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]
+        assert steps == pytest.approx([1e-3 * f for f in expected], rel=1e-6)
+        assert all(lr > 0 for lr in steps) and steps.index(max(steps)) == 1
+    else:  # HF's schedule, fresh each round: warmup of ceil(0.25 * 2) = 1 step from 0, then the peak
+        assert steps == pytest.approx([0.0, 1e-3, 0.0, 1e-3])
+
+
+def test_run_schedule_falls_back_to_one_per_round_without_total_rounds(trainer, initial_state, caplog):
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, warmup_ratio=0.25, lr_scheduler_type="cosine")
+    trainer.config = replace(trainer.config, lr_schedule="run")
+    trainer._warned_schedule = False
+    with caplog.at_level(logging.INFO, logger="local_trainer"):
+        trainer.train_round(initial_state, round_num=0)
+        trainer.train_round(initial_state, round_num=1)
+    assert _logged_lrs(caplog, 0) == _logged_lrs(caplog, 1) == pytest.approx([0.0, 1e-3])
+    assert caplog.text.count("--lr_schedule run needs the run's number of rounds") == 1  # said once
+
+
+def test_run_lr_factor_shapes():
+    from local_trainer import run_lr_factor
+
+    assert [run_lr_factor(s, "linear", 1, 5) for s in range(5)] == pytest.approx([0.5, 1, 0.75, 0.5, 0.25])
+    assert [run_lr_factor(s, "constant", 2, 5) for s in range(5)] == [1.0] * 5  # as HF's constant: no warmup
+    assert [run_lr_factor(s, "constant_with_warmup", 2, 5) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    assert run_lr_factor(0, "cosine", 0, 4) == 1.0 and run_lr_factor(3, "cosine", 0, 4) > 0
+
+
+def test_lr_schedule_flag():
+    assert parse_train_args([]).lr_schedule == "run"
+    assert parse_train_args(["--lr_schedule", "round", "--lr_scheduler_type", "polynomial"]).lr_schedule == "round"
+    with pytest.raises(ValueError, match="--lr_schedule run supports"):
+        TrainConfig(lr_scheduler_type="polynomial")
+    with pytest.raises(ValueError, match="--lr_schedule must be run or round"):
+        TrainConfig(lr_schedule="epoch")
 
 
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
