@@ -704,6 +704,29 @@ def test_lr_schedule_flag():
         TrainConfig(lr_schedule="epoch")
 
 
+def _flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([update[k].float().flatten() for k in sorted(update)])
+
+
+def test_fedprox_pulls_the_trained_weights_toward_the_global_model(trainer, initial_state):
+    """mu = 0 is no FedProx (no copy of the global weights, the same update); mu > 0 keeps the round's weights
+    near the global ones; the term is added once per optimizer step, so accumulating 2 x 1 sample is 1 x 2."""
+    _small_round(trainer, learning_rate=1e-3, max_steps=4)
+    updates = {}
+    for name, mu, batch, accumulation in [("off", 0.0, 2, 1), ("again", 0.0, 2, 1), ("prox", 1.0, 2, 1),
+                                          ("prox_accumulated", 1.0, 1, 2)]:  # fmt: skip
+        trainer.config = replace(trainer.config, fedprox_mu=mu, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation)  # fmt: skip
+        if mu == 0:
+            assert not trainer._round_trainer(3, None).global_weights  # off: no copy, no gradient hook
+        updates[name] = _flat(trainer.train_round(initial_state, round_num=3).update)
+    trainer.config = replace(trainer.config, fedprox_mu=0.0, gradient_accumulation_steps=1)
+    assert torch.equal(updates["off"], updates["again"])
+    assert updates["prox"].norm() < 0.7 * updates["off"].norm()
+    same_step = (updates["prox_accumulated"] - updates["prox"]).norm() / updates["prox"].norm()
+    assert same_step < 1e-3, same_step  # added per micro-batch instead: 0.12
+
+
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
     layer = trainer.model.model.language_model.layers[0].mlp.down_proj
     seen: list[torch.dtype] = []
