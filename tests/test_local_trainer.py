@@ -727,6 +727,36 @@ def test_fedprox_pulls_the_trained_weights_toward_the_global_model(trainer, init
     assert same_step < 1e-3, same_step  # added per micro-batch instead: 0.12
 
 
+def test_keep_optimizer_state_carries_adam_across_rounds_and_restarts(trainer, initial_state, tmp_path):
+    saved = tmp_path / "optimizer.pt"
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, output_dir=str(tmp_path))
+    off = trainer.train_round(initial_state, round_num=0)
+    assert not list(tmp_path.iterdir())  # off: nothing saved
+
+    def steps_and_moments() -> tuple[set[float], dict[str, torch.Tensor]]:
+        state = torch.load(saved, weights_only=True)
+        assert state.keys() == _trainable_keys(trainer)
+        return {float(s["step"]) for s in state.values()}, {k: s["exp_avg"] for k, s in state.items()}
+
+    trainer.config = replace(trainer.config, keep_optimizer_state=True)
+    try:
+        first = trainer.train_round(initial_state, round_num=0)
+        steps, first_moments = steps_and_moments()
+        assert steps == {2.0} and not list(tmp_path.glob("*.tmp"))
+        # no earlier state: the same round as without the flag
+        assert all(torch.equal(first.update[k], off.update[k]) for k in off.update)
+        second = trainer.train_round(initial_state, round_num=0)
+        steps, second_moments = steps_and_moments()
+        assert steps == {4.0}  # the second round went on from the first's 2 steps
+        assert not all(torch.equal(first.update[k], second.update[k]) for k in first.update)  # with its moments
+        restarted = LocalTrainer(trainer.config)  # a restarted site, same work folder
+        restarted.train_round(initial_state, round_num=0)
+        assert steps_and_moments()[0] == {6.0}
+    finally:
+        trainer.config = replace(trainer.config, keep_optimizer_state=False)
+    assert any(not torch.equal(first_moments[k], second_moments[k]) for k in first_moments)
+
+
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
     layer = trainer.model.model.language_model.layers[0].mlp.down_proj
     seen: list[torch.dtype] = []
