@@ -757,6 +757,35 @@ def test_keep_optimizer_state_carries_adam_across_rounds_and_restarts(trainer, i
     assert any(not torch.equal(first_moments[k], second_moments[k]) for k in first_moments)
 
 
+def test_evaluate_is_the_answer_only_loss_and_leaves_the_round_alone(trainer, initial_state, synthetic_pubmedvision,
+                                                                    tmp_path):  # fmt: skip
+    records = _records(synthetic_pubmedvision)[NUM_TRAIN : NUM_TRAIN + 5]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records))
+    _small_round(trainer, learning_rate=1e-3, max_steps=2)
+    trainer.load_global_state(initial_state)
+    # by hand: HF's own loss (mean over the labelled tokens) of each record alone, weighted by its answer tokens
+    dataset = _dataset(records, synthetic_pubmedvision, trainer.processor)
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = trainer.collator([dataset.encode(i)])
+            batch.pop("sample_counts")
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum, tokens = loss_sum + float(trainer.model(**batch).loss) * n, tokens + n
+    weights = _fp32_weights(trainer)
+    result = trainer.evaluate(str(path))
+    assert result == {"val_loss": pytest.approx(loss_sum / tokens, rel=1e-4), "val_samples": 5, "val_tokens": tokens}
+    assert all(torch.equal(p, weights[k]) for k, p in trainer.model.named_parameters())
+    assert trainer.evaluate(str(path), max_samples=2)["val_samples"] == 2
+    # before training, on the received weights; the round is the same as without it
+    plain = trainer.train_round(initial_state, round_num=3)
+    evaluated = trainer.train_round(initial_state, round_num=3, evaluate_on=str(path))
+    assert evaluated.metrics["val_loss"] == result["val_loss"] and evaluated.metrics["val_tokens"] == tokens
+    assert "val_loss" not in plain.metrics and plain.metrics["loss"] == evaluated.metrics["loss"]
+    assert all(torch.equal(plain.update[k], evaluated.update[k]) for k in plain.update)
+
+
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
     layer = trainer.model.model.language_model.layers[0].mlp.down_proj
     seen: list[torch.dtype] = []
