@@ -16,7 +16,8 @@ a time.
 
 Data rules (see `SFTDataset`):
 - The loss covers assistant tokens only: each answer and its `<|im_end|>`, never the `<|im_start|>assistant\\n`
-  header nor the "\\n" after `<|im_end|>`.
+  header (nor an answer's leading newlines, which BPE merges into the header's "\\n") nor the "\\n" after
+  `<|im_end|>`. A sample with no labelled token is skipped (`skipped_samples`, and `skipped_no_labels`).
 - `<image>` placeholders in human turns mark where images go (one per image; a "\\n" right after one is dropped so
   both formats give the same tokens); records without placeholders get all images at the start of the first turn.
 - Image paths must be relative and stay inside `--image_root`; anything else raises an error naming the record.
@@ -1076,7 +1077,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, RuntimeError) as err:  # bad data, paths or model: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    metrics = trainer.train_round().metrics
+    metrics = trainer.train_round(round_num=0, total_rounds=1).metrics
     trainer.save_checkpoint(config.output_dir)
     if trainer.rank == 0:
         print(json.dumps({**metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))
