@@ -129,27 +129,6 @@ def test_an_answer_starting_with_newlines_is_labelled(synthetic_pubmedvision, pr
     assert _label_runs(sample["labels"]) == [tok.encode(answer, add_special_tokens=False) + [im_end]]
 
 
-def test_a_sample_without_labels_is_skipped_and_counted(synthetic_pubmedvision, processor, trainer, caplog):
-    """If no header matches (here: only a lone "\\n" after the header counts, as before), the sample is not trained
-    on in silence: it is skipped, and the round counts it."""
-    records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 1][:3]
-    leading = {**records[0], "id": "leading-newline", "conversations": [records[0]["conversations"][0],
-               {"from": "gpt", "value": "\n\nAnswer."}]}  # fmt: skip
-    dataset = _dataset([leading, *records[1:]], synthetic_pubmedvision, processor)
-    dataset.newline_ids = {processor.tokenizer.convert_tokens_to_ids("\u010a")}
-    with pytest.raises(SkipSample, match="leading-newline.*no answer token"):
-        dataset.encode(0)
-    with caplog.at_level(logging.WARNING, logger="local_trainer"):
-        assert dataset[0]["skipped_no_labels"] == 1 and "leading-newline" in caplog.text
-    original, trainer.dataset = trainer.dataset, dataset
-    _small_round(trainer, per_device_train_batch_size=3)
-    try:
-        metrics = trainer.train_round().metrics
-    finally:
-        trainer.dataset = original
-    assert (metrics["samples"], metrics["skipped_no_labels"], metrics["skipped_samples"]) == (3, 1, 1)
-
-
 def test_raw_and_shard_formats_give_the_same_tokens(synthetic_pubmedvision, processor):
     records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 2][:1]
     raw = _dataset(records, synthetic_pubmedvision, processor).encode(0)
@@ -579,6 +558,27 @@ def test_round_metrics_count_skipped_and_truncated_samples(trainer, synthetic_pu
     finally:
         trainer.dataset = dataset
     assert (metrics["samples"], metrics["skipped_samples"], metrics["truncated_samples"]) == (3, 2, 3)
+
+
+def test_a_sample_without_labels_is_skipped_and_counted(synthetic_pubmedvision, processor, trainer, caplog):
+    """If no header matches (here: only a lone "\\n" after the header counts, as before), the sample is not trained
+    on in silence: it is skipped, and the round counts it."""
+    records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 1][:3]
+    leading = {**records[0], "id": "leading-newline", "conversations": [records[0]["conversations"][0],
+               {"from": "gpt", "value": "\n\nAnswer."}]}  # fmt: skip
+    dataset = _dataset([leading, *records[1:]], synthetic_pubmedvision, processor)
+    dataset.newline_ids = {processor.tokenizer.convert_tokens_to_ids("\u010a")}
+    with pytest.raises(SkipSample, match="leading-newline.*no answer token"):
+        dataset.encode(0)
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        assert dataset[0]["skipped_no_labels"] == 1 and "leading-newline" in caplog.text
+    original, trainer.dataset = trainer.dataset, dataset
+    _small_round(trainer, per_device_train_batch_size=3)
+    try:
+        metrics = trainer.train_round().metrics
+    finally:
+        trainer.dataset = original
+    assert (metrics["samples"], metrics["skipped_no_labels"], metrics["skipped_samples"]) == (3, 1, 1)
 
 
 def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_state):
