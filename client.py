@@ -144,9 +144,18 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, result: Any, checkp
         print(f"round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
 
 
-def train_round(trainer: Any, global_model: FLModel | None, round_num: int, tag: str, args, train_argv: list[str]):
+def train_round(
+    trainer: Any,
+    global_model: FLModel | None,
+    round_num: int,
+    tag: str,
+    args,
+    train_argv: list[str],
+    total_rounds: int | None = None,
+):
     """One round on this rank: (the trainer, its result, None), or (None, None, the first rank's error) after a
-    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round)."""
+    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round).
+    `total_rounds` (the server's) places the built-in trainer's round in the run's learning-rate schedule."""
     start, error, result = time.time(), None, None
     try:
         if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
@@ -156,7 +165,8 @@ def train_round(trainer: Any, global_model: FLModel | None, round_num: int, tag:
             lazy = sum(map(is_lazy, global_model.params.values()))
             print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
             global_state, global_model.params = transport.join(global_model.params), None
-        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num)
+        schedule = {"total_rounds": total_rounds} if args.trainer == "builtin" else {}  # the official code has its own
+        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **schedule)
         result.metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         result.metrics.setdefault("seconds", time.time() - start)
     except Exception as e:  # any failure, OOM included: report it and stay in the federation
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         if round_num is None:
             break
         tag = f"site={site} round={round_num}:"
-        trainer, result, error = train_round(trainer, global_model, round_num, tag, args, train_argv)
+        trainer, result, error = train_round(trainer, global_model, round_num, tag, args, train_argv, total_rounds)
         if RANK == 0:
             out = update_message(result, error, args.part_mb)  # the round's update, or the error
             print(f"{tag} sent {len(out.params or {})} tensors", flush=True)

@@ -16,7 +16,8 @@ a time.
 
 Data rules (see `SFTDataset`):
 - The loss covers assistant tokens only: each answer and its `<|im_end|>`, never the `<|im_start|>assistant\\n`
-  header nor the "\\n" after `<|im_end|>`.
+  header (nor an answer's leading newlines, which BPE merges into the header's "\\n") nor the "\\n" after
+  `<|im_end|>`. A sample with no labelled token is skipped (`skipped_samples`, and `skipped_no_labels`).
 - `<image>` placeholders in human turns mark where images go (one per image; a "\\n" right after one is dropped so
   both formats give the same tokens); records without placeholders get all images at the start of the first turn.
 - Image paths must be relative and stay inside `--image_root`; anything else raises an error naming the record.
@@ -36,6 +37,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -73,6 +75,9 @@ class TrainResult:
 
     update: dict[str, torch.Tensor] | None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+RUN_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")  # what --lr_schedule run implements
 
 
 @dataclass
@@ -124,6 +129,19 @@ class TrainConfig:
         default=False,
         metadata={"help": "shard the model over this site's torchrun ranks with FSDP2 (fully_shard) instead of DDP"},
     )
+    lr_schedule: str = field(
+        default="run",
+        metadata={
+            "help": "run: one warmup and decay over all rounds (needs total_rounds); round: a fresh one every round"
+        },
+    )
+    fedprox_mu: float = field(
+        default=0.0, metadata={"help": "FedProx: add mu/2 * ||w - w_global||^2 over the trained parameters; 0: off"}
+    )
+    keep_optimizer_state: bool = field(
+        default=False,
+        metadata={"help": "carry the optimizer state (AdamW moments, step) across rounds: <output_dir>/optimizer*.pt"},
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -135,6 +153,11 @@ class TrainConfig:
             "--model_max_length must be >= 2": self.model_max_length >= 2,
             "--min_pixels must be >= 1 and <= --max_pixels": 1 <= self.min_pixels <= self.max_pixels,
             "--warmup_ratio must be in [0, 1)": 0 <= self.warmup_ratio < 1,
+            "--lr_schedule must be run or round": self.lr_schedule in ("run", "round"),
+            f"--lr_schedule run supports --lr_scheduler_type {', '.join(RUN_SCHEDULES)} (else --lr_schedule round)": (
+                self.lr_schedule != "run" or self.lr_scheduler_type in RUN_SCHEDULES
+            ),
+            "--fedprox_mu must be >= 0": self.fedprox_mu >= 0,
             "--tune_mm_llm, --tune_mm_mlp and --tune_mm_vision are all False: nothing to train": (
                 self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision
             ),
@@ -161,6 +184,10 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
 
 class SkipSample(Exception):
     """A sample that cannot be trained on (unreadable image, too long); the message names the record."""
+
+
+class NoLabels(SkipSample):
+    """A sample in which no token is labelled: it would train on nothing."""
 
 
 def read_records(dataset_use: str) -> list[dict]:
@@ -240,22 +267,36 @@ def build_messages(record: dict, num_images: int) -> list[dict]:
     return messages
 
 
-def assistant_labels(input_ids: torch.Tensor, header_ids: list[int], end_id: int) -> torch.Tensor:
-    """Labels equal to `input_ids` from after each assistant header through its `<|im_end|>`, else IGNORE_INDEX."""
+def assistant_labels(
+    input_ids: torch.Tensor, header_ids: list[int], end_id: int, newline_ids: set[int]
+) -> torch.Tensor:
+    """Labels equal to `input_ids` from after each assistant header through its `<|im_end|>`, else IGNORE_INDEX.
+
+    The header is `header_ids` (`<|im_start|>assistant`) and the token after it, which must be one of `newline_ids`:
+    the header's "\\n", or, when the answer starts with newlines, the one token BPE merges them into ("\\n\\n"...).
+    A merged token is left unlabelled with the header: it cannot be split, and it holds only whitespace.
+    """
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     ids = input_ids.tolist()
     n, h = len(ids), len(header_ids)
     i = 0
-    while i <= n - h:
-        if ids[i : i + h] != header_ids:
+    while i < n - h:
+        if ids[i : i + h] != header_ids or ids[i + h] not in newline_ids:
             i += 1
             continue
-        start = end = i + h
+        start = end = i + h + 1
         while end < n and ids[end] != end_id:
             end += 1
         labels[start : end + 1] = input_ids[start : end + 1]
         i = end + 1
     return labels
+
+
+def newline_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that are a newline, maybe merged with more whitespace ("\\n", "\\n\\n", "\\n \\n")."""
+    candidates = [i for token, i in tokenizer.get_vocab().items() if "\u010a" in token or "\n" in token]  # Ċ: "\\n"
+    texts = tokenizer.batch_decode([[i] for i in candidates])
+    return {i for i, text in zip(candidates, texts, strict=True) if text.startswith("\n") and not text.strip()}
 
 
 class SFTDataset(Dataset):
@@ -267,8 +308,9 @@ class SFTDataset(Dataset):
         self.model_max_length = model_max_length
         tokenizer = processor.tokenizer
         self.header_ids = [tokenizer.convert_tokens_to_ids("<|im_start|>")] + tokenizer.encode(
-            "assistant\n", add_special_tokens=False
+            "assistant", add_special_tokens=False
         )
+        self.newline_ids = newline_token_ids(tokenizer)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
         self.records, self.image_paths, missing = [], [], []
@@ -290,14 +332,17 @@ class SFTDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """The sample at `index`, or the next usable one; `skipped` counts the unusable ones passed over."""
+        """The sample at `index`, or the next usable one; `skipped` counts the unusable ones passed over,
+        `skipped_no_labels` those of them with no labelled token."""
+        no_labels = 0
         for offset in range(len(self.records)):
             try:
                 sample = self.encode((index + offset) % len(self.records))
             except SkipSample as err:
                 logger.warning("skipping sample: %s", err)
+                no_labels += isinstance(err, NoLabels)
                 continue
-            sample["skipped"] = offset
+            sample["skipped"], sample["skipped_no_labels"] = offset, no_labels
             return sample
         raise RuntimeError(f"no usable sample among {len(self.records)} records (see the warnings above)")
 
@@ -310,7 +355,9 @@ class SFTDataset(Dataset):
         sample = {key: value[0] for key, value in encoded.items() if key in ("input_ids", "mm_token_type_ids")}
         if images:
             sample["pixel_values"], sample["image_grid_thw"] = encoded["pixel_values"], encoded["image_grid_thw"]
-        sample["labels"] = assistant_labels(sample["input_ids"], self.header_ids, self.end_id)
+        sample["labels"] = assistant_labels(sample["input_ids"], self.header_ids, self.end_id, self.newline_ids)
+        if (sample["labels"] == IGNORE_INDEX).all():
+            raise NoLabels(f"record {record_id!r}: no answer token to learn from (no assistant header found)")
         sample["truncated"] = len(sample["input_ids"]) > self.model_max_length
         if sample["truncated"]:
             self._truncate(sample, record_id)
@@ -345,6 +392,9 @@ def _preview(items: list, n: int = 10) -> str:
     return ", ".join(map(repr, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+SAMPLE_COUNTS = ("skipped", "truncated", "skipped_no_labels")  # per sample; summed by the collator after the size
+
+
 class SFTCollator:
     """Right-pads a list of samples to the batch's longest and stacks the images; carries sample counts along."""
 
@@ -358,7 +408,7 @@ class SFTCollator:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
             batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
         batch["sample_counts"] = torch.tensor(
-            [len(samples), sum(s["skipped"] for s in samples), sum(s["truncated"] for s in samples)]
+            [len(samples), *(sum(s.get(key, 0) for s in samples) for key in SAMPLE_COUNTS)]
         )
         return batch
 
@@ -457,13 +507,125 @@ def compiled_cross_entropy():
     return torch.compile(summed_cross_entropy, dynamic=True)
 
 
+def run_lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) of a run of `total` steps, as a fraction of the peak.
+
+    Linear warmup over the first `warmup` steps, from 1/(warmup + 1) of the peak (no step at lr 0), then `kind`'s decay
+    (cosine, linear; constant and constant_with_warmup stay at the peak) towards 0 just after the last step.
+    """
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant_with_warmup":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP shard (DTensor), or `tensor` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> None:
+    """This rank's optimizer state (under FSDP: of its shards), by parameter name, written atomically to `path`."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    state = {names[id(p)]: {k: _local(v) for k, v in st.items()} for p, st in optimizer.state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)  # a crash mid-write leaves the previous round's state whole
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> bool:
+    """Put the state `save_optimizer_state` wrote into a fresh `optimizer`; False (and a warning) if it does not fit
+    its parameters (other trained parameters, shapes or number of ranks), which then start fresh."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    params = {name: p for name, p in model.named_parameters() if id(p) in in_optimizer}
+    misfit = sorted(params.keys() ^ saved.keys()) or [
+        name
+        for name, st in saved.items()
+        if any(v.dim() and v.shape != _local(params[name]).shape for v in st.values())
+    ]
+    if misfit:
+        logger.warning("%s does not fit the trained parameters (%s): a fresh optimizer", path, _preview(misfit, 3))
+        return False
+    for name, state in saved.items():
+        param = params[name]
+        optimizer.state[param] = {key: _like(value, param) for key, value in state.items()}
+    return True
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved optimizer tensor where a fresh one would be: moments with `param` (as a shard of it under FSDP), the
+    step count (a scalar) on the host, as AdamW keeps it."""
+    from torch.distributed.tensor import DTensor
+
+    if not value.dim():
+        return value
+    value = value.to(param.device)
+    if isinstance(param, DTensor):
+        return DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return value
+
+
 def _make_round_trainer_class():
-    """A `Trainer` that takes the collator's sample counts out of each batch and computes logits only where needed."""
+    """A `Trainer` that takes the collator's sample counts out of each batch and computes logits only where needed;
+    set up by `LocalTrainer.train_round` with its run's schedule, FedProx term and kept optimizer state."""
     from transformers import Trainer
 
     class RoundTrainer(Trainer):
         sample_counts: torch.Tensor | None = None
         autocast_bf16: bool = True
+        run_schedule: tuple[int, int] | None = None  # (round, rounds in the run): one schedule over the run
+        lr_scheduler_kind: str = "cosine"
+        proximal_mu: float = 0.0
+        global_weights: tuple = ()  # (parameter, its value as the round started) for each trained parameter
+        optimizer_file: Path | None = None  # the optimizer state to start from, if the file exists
+        step_lrs: list[float]  # the learning rate of each optimizer step
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if self.optimizer_file is not None and self.optimizer_file.is_file():
+                if load_optimizer_state(optimizer, self.model, self.optimizer_file):
+                    logger.info("optimizer state loaded from %s", self.optimizer_file)
+            return optimizer
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None and self.run_schedule is not None:
+                round_num, rounds = self.run_schedule  # every round takes num_training_steps steps
+                total, offset = rounds * num_training_steps, round_num * num_training_steps
+                factor = functools.partial(
+                    run_lr_factor, kind=self.lr_scheduler_kind, warmup=self.args.get_warmup_steps(total), total=total
+                )
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda step: factor(offset + step)
+                )
+                self._created_lr_scheduler = True
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.accelerator.sync_gradients:  # the optimizer step's last micro-batch: its gradients are whole
+                self.step_lrs.append(self.optimizer.param_groups[0]["lr"])
+                if self.proximal_mu:
+                    self._add_proximal_gradient()
+            return loss
+
+        @torch.no_grad()
+        def _add_proximal_gradient(self) -> None:
+            """FedProx: the gradient of mu/2 * ||w - w_global||^2, mu * (w - w_global), added once per optimizer step
+            to the step's (reduced, accumulated) gradient, before clipping. Under FSDP each rank adds its shard's."""
+            for param, start in self.global_weights:
+                pull = torch.sub(param.detach(), start).mul_(self.proximal_mu)
+                if param.grad is None:
+                    param.grad = pull
+                else:
+                    param.grad.add_(pull)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             counts = inputs.pop("sample_counts")
@@ -536,6 +698,7 @@ class LocalTrainer:
         self.rank = _rank()
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.round = 0
+        self._warned_schedule = False
         records = read_records(config.dataset_use)  # first, so a bad --dataset_use fails before the model loads
         size = {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
         self.processor = AutoProcessor.from_pretrained(config.model_name_or_path, size=size)
@@ -635,37 +798,41 @@ class LocalTrainer:
         global_state: dict[str, torch.Tensor] | None = None,
         release_global_state: bool = False,
         round_num: int | None = None,
+        total_rounds: int | None = None,
+        evaluate_on: str | None = None,
     ) -> TrainResult:
-        """Load the global weights, train one round with a fresh optimizer and schedule, return the round's update.
+        """Load the global weights, train one round, return the round's update.
 
         `round_num`: the federation's round (the server sends it), which seeds the data order, so a rebuilt trainer or
-        a resumed job does not replay an earlier round's order; default: the rounds this trainer has run.
-        `release_global_state`: empty the `global_state` dict once it is loaded, so its host copy (4.26 GB for 2B)
-        is freed before training instead of after (client.py does; the caller must not need it afterwards).
+        a resumed job does not replay an earlier round's order, and places the round in the run's learning-rate
+        schedule; default: the rounds this trainer has run. `total_rounds`: the run's rounds, for `--lr_schedule run`
+        (without it each round has its own schedule). `release_global_state`: empty the `global_state` dict once it
+        is loaded, so its host copy (4.26 GB for 2B) is freed before training instead of after (client.py does; the
+        caller must not need it afterwards). `evaluate_on`: a records file to `evaluate` the received weights on
+        before training (`val_*` metrics).
         """
         start = time.perf_counter()
         round_num = self.round if round_num is None else round_num
         self.load_global_state(global_state)
         if release_global_state and global_state is not None:
             global_state.clear()
+        validation = self.evaluate(evaluate_on) if evaluate_on else {}
         set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
         started_from = self._trained_weights_bf16()
-        trainer = _make_round_trainer_class()(
-            model=self.model,
-            args=self._training_arguments(round_num),
-            train_dataset=self.dataset,
-            data_collator=self.collator,
-            callbacks=self.callbacks,
-            compute_loss_func=functools.partial(answer_only_loss, cross_entropy=self._cross_entropy),
-        )
-        trainer.autocast_bf16 = self.config.bf16
+        trainer = self._round_trainer(round_num, total_rounds)
         try:
             output = trainer.train()
-            counts = trainer.sample_counts if trainer.sample_counts is not None else torch.zeros(3, dtype=torch.long)
-            local = counts.cpu().tolist()
+            counts = trainer.sample_counts
+            local = (counts if counts is not None else torch.zeros(1 + len(SAMPLE_COUNTS), dtype=torch.long)).tolist()
+            if self.config.keep_optimizer_state and (self.fsdp or self.rank == 0):
+                optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+                save_optimizer_state(optimizer, self.model, self._optimizer_file())
+            step_lrs = trainer.step_lrs
         finally:
             self._release(trainer)
         logger.info("rank %d trained on %d samples (round %d)", self.rank, local[0], round_num)
+        if self.rank == 0:
+            logger.info("round %d learning rate per step: %s", round_num, json.dumps(step_lrs))
         totals = torch.tensor([output.training_loss, *local], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(totals)
@@ -677,9 +844,97 @@ class LocalTrainer:
             "samples": float(totals[1]),
             "skipped_samples": float(totals[2]) + self.dataset.num_missing,
             "truncated_samples": float(totals[3]),
+            "skipped_no_labels": float(totals[4]),
+            "lr_first": step_lrs[0] if step_lrs else 0.0,
+            "lr_last": step_lrs[-1] if step_lrs else 0.0,
+            **validation,
             "seconds": time.perf_counter() - start,
         }
         return TrainResult(update=self._update_since(started_from), metrics=metrics)
+
+    def _round_trainer(self, round_num: int, total_rounds: int | None):
+        """The round's Hugging Face Trainer, with the run's schedule, FedProx term and kept optimizer state."""
+        c = self.config
+        trainer = _make_round_trainer_class()(
+            model=self.model,
+            args=self._training_arguments(round_num),
+            train_dataset=self.dataset,
+            data_collator=self.collator,
+            callbacks=self.callbacks,
+            compute_loss_func=functools.partial(answer_only_loss, cross_entropy=self._cross_entropy),
+        )
+        trainer.autocast_bf16 = c.bf16
+        trainer.step_lrs = []
+        if c.lr_schedule == "run" and total_rounds is not None and 0 <= round_num < total_rounds:
+            trainer.run_schedule, trainer.lr_scheduler_kind = (round_num, total_rounds), c.lr_scheduler_type
+        elif c.lr_schedule == "run" and not self._warned_schedule:
+            self._warned_schedule = True
+            logger.warning(
+                "--lr_schedule run needs the run's number of rounds (round %d of %s): each round has its own schedule",
+                round_num,
+                total_rounds,
+            )
+        if c.keep_optimizer_state:
+            trainer.optimizer_file = self._optimizer_file()
+        if c.fedprox_mu:  # w_global: the round's start, where and as the parameters are (fp32; under FSDP, shards)
+            trainer.proximal_mu = c.fedprox_mu
+            trainer.global_weights = tuple((p, p.detach().clone()) for p in self.model.parameters() if p.requires_grad)
+        return trainer
+
+    def _optimizer_file(self) -> Path:
+        """Where `--keep_optimizer_state` keeps the optimizer state: one file, or one per rank's shards under FSDP."""
+        return Path(self.config.output_dir) / (f"optimizer.rank{self.rank}.pt" if self.fsdp else "optimizer.pt")
+
+    def evaluate(self, records_path: str, max_samples: int | None = None) -> dict[str, float]:
+        """Mean answer-token loss of the current weights on the records of `records_path` (a .json list, or a folder
+        with train.json; images under --image_root): the training loss, summed over the answer tokens of all records
+        and divided by their number. No gradients; under torchrun each rank scores every world_size-th record and the
+        sums are all-reduced (collective: call it on every rank). Records that cannot be used are left out.
+
+        Returns `val_loss`, `val_samples` (records scored) and `val_tokens` (answer tokens scored).
+        """
+        c = self.config
+        records = read_records(records_path)[:max_samples]
+        dataset = SFTDataset(records, c.image_root, self.processor, c.model_max_length)
+        mine = range(self.rank, len(dataset), self.world_size)
+        batch_size = c.per_device_train_batch_size
+        batches = math.ceil(math.ceil(len(dataset) / self.world_size) / batch_size)  # the same on every rank
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, tokens, samples
+        training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(batches):
+                samples = []
+                for index in mine[b * batch_size : (b + 1) * batch_size]:
+                    try:
+                        samples.append(dataset.encode(index))
+                    except SkipSample as err:
+                        logger.warning("not evaluated: %s", err)
+                if samples:
+                    loss, tokens = self._summed_answer_loss(samples)
+                    totals += torch.tensor([loss, tokens, len(samples)], dtype=torch.float64, device=self.device)
+                elif self.fsdp:  # every rank takes part in each sharded forward: one on a training sample, not counted
+                    self._summed_answer_loss([self.dataset[0]])
+        finally:
+            self.model.train(training)
+            if self.fsdp:
+                _reshard(self.model)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        loss, tokens, samples = totals.tolist()
+        return {"val_loss": loss / tokens if tokens else float("nan"), "val_samples": samples, "val_tokens": tokens}
+
+    @torch.no_grad()
+    def _summed_answer_loss(self, samples: list[dict[str, Any]]) -> tuple[float, int]:
+        """The summed cross-entropy of the samples' answer tokens (as in training) and their number."""
+        batch = self.collator(samples)
+        batch.pop("sample_counts")
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            outputs = self.model(**batch, logits_to_keep=answer_positions(labels))
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        return float((self._cross_entropy or summed_cross_entropy)(outputs.logits, targets)), targets.numel()
 
     def _trained_weights_bf16(self) -> dict[str, torch.Tensor]:
         """A bf16 copy of every trainable parameter as the round starts, where it lives (under FSDP: this rank's
@@ -703,6 +958,7 @@ class LocalTrainer:
         """Free the round's optimizer state and undo the round's activation checkpointing, so rounds do not pile up."""
         trainer.accelerator.free_memory()
         trainer.optimizer = trainer.lr_scheduler = None
+        trainer.global_weights = ()
         if self.model.is_activation_checkpointing:
             self.model.activation_checkpointing_disable()
         gc.collect()
@@ -821,7 +1077,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, RuntimeError) as err:  # bad data, paths or model: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    metrics = trainer.train_round().metrics
+    metrics = trainer.train_round(round_num=0, total_rounds=1).metrics
     trainer.save_checkpoint(config.output_dir)
     if trainer.rank == 0:
         print(json.dumps({**metrics, "checkpoint": config.output_dir, "config": asdict(config)}, default=str))

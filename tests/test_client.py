@@ -58,3 +58,28 @@ def test_a_site_sends_its_weights_in_grouped_items(tmp_path):
     downloadable = transport.DiskTensorDecomposer(str(tmp_path)).to_downloadable(weights, 2 * 2**20, {})
     assert isinstance(downloadable, transport.GroupedTensorDownloadable) and downloadable.shared is None
     assert downloadable.get_item_count() == 2  # the 4,000-byte tensor, then the 19 small ones together
+
+
+def test_the_builtin_trainer_gets_the_run_s_number_of_rounds():
+    """client.train_round passes the server's total_rounds on to the built-in trainer (its learning-rate schedule
+    spans the run), and not to the official code's, whose train_round does not take it."""
+    from types import SimpleNamespace
+
+    import client
+    from local_trainer import TrainResult
+
+    class Trainer:  # the trainers' interface, recording what it was given
+        def __init__(self, total_rounds_allowed: bool):
+            self.calls, self.total_rounds_allowed = [], total_rounds_allowed
+
+        def train_round(self, global_state, release_global_state=False, round_num=None, **schedule):
+            assert self.total_rounds_allowed or not schedule
+            self.calls.append({"round_num": round_num, **schedule})
+            return TrainResult(update={}, metrics={"samples": 1.0})
+
+    for kind, expected in [("builtin", {"round_num": 2, "total_rounds": 5}), ("qwen", {"round_num": 2})]:
+        trainer = Trainer(kind == "builtin")
+        args = SimpleNamespace(trainer=kind)
+        _, result, error = client.train_round(trainer, None, 2, "test:", args, [], total_rounds=5)
+        assert error is None and result.metrics["samples"] == 1.0
+        assert trainer.calls == [expected]

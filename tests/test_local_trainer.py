@@ -4,6 +4,7 @@ updates, checkpoints."""
 import gc
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -111,6 +112,23 @@ def test_labels_are_exactly_each_answer_and_its_im_end(synthetic_pubmedvision, p
     assert re.search(r"And this one\?\n<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|><\|im_end\|>", text)
 
 
+@pytest.mark.parametrize("lead", ["\n", "\n\n"])
+def test_an_answer_starting_with_newlines_is_labelled(synthetic_pubmedvision, processor, lead):
+    """BPE merges the header's "\\n" with the answer's leading newlines into one token: the header must still match."""
+    record = _records(synthetic_pubmedvision)[0]
+    answer = "A round shape."
+    turns = [record["conversations"][0], {"from": "gpt", "value": lead + answer}]
+    sample = _dataset([{**record, "conversations": turns}], synthetic_pubmedvision, processor).encode(0)
+    tok = processor.tokenizer
+    text = tok.decode(sample["input_ids"])
+    assert "<|im_start|>assistant\n" + lead + answer in text
+    assert tok.convert_ids_to_tokens(tok.encode("assistant\n" + lead, add_special_tokens=False))[-1] == (
+        "\u010a" * (1 + len(lead))  # one merged newline token: "assistant\\n" alone would not match
+    )
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert _label_runs(sample["labels"]) == [tok.encode(answer, add_special_tokens=False) + [im_end]]
+
+
 def test_raw_and_shard_formats_give_the_same_tokens(synthetic_pubmedvision, processor):
     records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 2][:1]
     raw = _dataset(records, synthetic_pubmedvision, processor).encode(0)
@@ -209,7 +227,7 @@ def test_collator_pads_right_and_stacks_images(synthetic_pubmedvision, processor
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
     assert batch["image_grid_thw"].shape == (3, 3)
     assert batch["pixel_values"].shape[0] == sum(s["pixel_values"].shape[0] for s in samples)
-    assert batch["sample_counts"].tolist() == [2, 0, 0]
+    assert batch["sample_counts"].tolist() == [2, 0, 0, 0]
 
 
 def _mixed_samples(synthetic_pubmedvision, processor) -> list[dict]:
@@ -241,7 +259,7 @@ def test_packed_collator_puts_samples_end_to_end_with_their_own_positions(synthe
     image = samples[0]["mm_token_type_ids"] == 1  # image tokens: a 2-D grid of (h, w) positions, not a line
     assert len(set(positions[2, 0, : lengths[0]][image].tolist())) < int(image.sum())
     assert torch.equal(positions[1, 0, lengths[0] + lengths[1] :], positions[0, 0, lengths[0] + lengths[1] :])
-    assert batch["image_grid_thw"].shape == (3, 3) and batch["sample_counts"].tolist() == [3, 0, 0]
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["sample_counts"].tolist() == [3, 0, 0, 0]
 
 
 def test_packed_batches_compute_what_padded_batches_do(synthetic_pubmedvision, processor, tiny_model_dir):
@@ -542,6 +560,27 @@ def test_round_metrics_count_skipped_and_truncated_samples(trainer, synthetic_pu
     assert (metrics["samples"], metrics["skipped_samples"], metrics["truncated_samples"]) == (3, 2, 3)
 
 
+def test_a_sample_without_labels_is_skipped_and_counted(synthetic_pubmedvision, processor, trainer, caplog):
+    """If no header matches (here: only a lone "\\n" after the header counts, as before), the sample is not trained
+    on in silence: it is skipped, and the round counts it."""
+    records = [r for r in _records(synthetic_pubmedvision) if len(r["image"]) == 1][:3]
+    leading = {**records[0], "id": "leading-newline", "conversations": [records[0]["conversations"][0],
+               {"from": "gpt", "value": "\n\nAnswer."}]}  # fmt: skip
+    dataset = _dataset([leading, *records[1:]], synthetic_pubmedvision, processor)
+    dataset.newline_ids = {processor.tokenizer.convert_tokens_to_ids("\u010a")}
+    with pytest.raises(SkipSample, match="leading-newline.*no answer token"):
+        dataset.encode(0)
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        assert dataset[0]["skipped_no_labels"] == 1 and "leading-newline" in caplog.text
+    original, trainer.dataset = trainer.dataset, dataset
+    _small_round(trainer, per_device_train_batch_size=3)
+    try:
+        metrics = trainer.train_round().metrics
+    finally:
+        trainer.dataset = original
+    assert (metrics["samples"], metrics["skipped_no_labels"], metrics["skipped_samples"]) == (3, 1, 1)
+
+
 def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_state):
     before = trainer.state_dict()
     key = "model.language_model.norm.weight"
@@ -605,6 +644,146 @@ def test_the_round_number_seeds_the_data_order(trainer, initial_state):
     assert not all(torch.equal(first.update[k], other.update[k]) for k in first.update)
     trainer.train_round(initial_state, round_num=5)
     assert trainer.round == 6  # rounds go on from the federation's round, not from how many this trainer ran
+
+
+def _logged_lrs(caplog, round_num: int) -> list[float]:
+    """The learning rate of each optimizer step of round `round_num`, as the trainer logged it."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"round {round_num} learning rate")]
+    return json.loads(lines[-1].split(": ", 1)[1])
+
+
+@pytest.mark.parametrize("schedule", ["run", "round"])
+def test_one_learning_rate_schedule_over_the_run(trainer, initial_state, caplog, schedule):
+    """2 rounds of 2 steps, cosine with warmup: `run` warms up once and decays over the 4 steps (the second round
+    continues where the first left off, whichever order they run in); `round` restarts it every round (a sawtooth,
+    each round's first step at lr 0)."""
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, warmup_ratio=0.25, lr_scheduler_type="cosine")
+    trainer.config = replace(trainer.config, lr_schedule=schedule)
+    lrs, metrics = {}, {}
+    with caplog.at_level(logging.INFO, logger="local_trainer"):
+        for round_num in (1, 0):  # a rebuilt or resumed trainer starts at round 1: its place comes from round_num
+            metrics[round_num] = trainer.train_round(initial_state, round_num=round_num, total_rounds=2).metrics
+            lrs[round_num] = _logged_lrs(caplog, round_num)
+    steps = lrs[0] + lrs[1]
+    assert [metrics[r]["lr_first"] for r in (0, 1)] == [lrs[0][0], lrs[1][0]]
+    assert [metrics[r]["lr_last"] for r in (0, 1)] == [lrs[0][-1], lrs[1][-1]]
+    if schedule == "run":  # warmup of ceil(0.25 * 4) = 1 step at half the peak, then cosine over the other 3
+        expected = [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]
+        assert steps == pytest.approx([1e-3 * f for f in expected], rel=1e-6)
+        assert all(lr > 0 for lr in steps) and steps.index(max(steps)) == 1
+    else:  # HF's schedule, fresh each round: warmup of ceil(0.25 * 2) = 1 step from 0, then the peak
+        assert steps == pytest.approx([0.0, 1e-3, 0.0, 1e-3])
+
+
+def test_run_schedule_falls_back_to_one_per_round_without_total_rounds(trainer, initial_state, caplog):
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, warmup_ratio=0.25, lr_scheduler_type="cosine")
+    trainer.config = replace(trainer.config, lr_schedule="run")
+    trainer._warned_schedule = False
+    with caplog.at_level(logging.INFO, logger="local_trainer"):
+        trainer.train_round(initial_state, round_num=0)
+        trainer.train_round(initial_state, round_num=1)
+    assert _logged_lrs(caplog, 0) == _logged_lrs(caplog, 1) == pytest.approx([0.0, 1e-3])
+    assert caplog.text.count("--lr_schedule run needs the run's number of rounds") == 1  # said once
+
+
+def test_run_lr_factor_shapes():
+    from local_trainer import run_lr_factor
+
+    assert [run_lr_factor(s, "linear", 1, 5) for s in range(5)] == pytest.approx([0.5, 1, 0.75, 0.5, 0.25])
+    assert [run_lr_factor(s, "constant", 2, 5) for s in range(5)] == [1.0] * 5  # as HF's constant: no warmup
+    assert [run_lr_factor(s, "constant_with_warmup", 2, 5) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    assert run_lr_factor(0, "cosine", 0, 4) == 1.0 and run_lr_factor(3, "cosine", 0, 4) > 0
+
+
+def test_lr_schedule_flag():
+    assert parse_train_args([]).lr_schedule == "run"
+    assert parse_train_args(["--lr_schedule", "round", "--lr_scheduler_type", "polynomial"]).lr_schedule == "round"
+    with pytest.raises(ValueError, match="--lr_schedule run supports"):
+        TrainConfig(lr_scheduler_type="polynomial")
+    with pytest.raises(ValueError, match="--lr_schedule must be run or round"):
+        TrainConfig(lr_schedule="epoch")
+
+
+def _flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([update[k].float().flatten() for k in sorted(update)])
+
+
+def test_fedprox_pulls_the_trained_weights_toward_the_global_model(trainer, initial_state):
+    """mu = 0 is no FedProx (no copy of the global weights, the same update); mu > 0 keeps the round's weights
+    near the global ones; the term is added once per optimizer step, so accumulating 2 x 1 sample is 1 x 2."""
+    _small_round(trainer, learning_rate=1e-3, max_steps=4)
+    updates = {}
+    for name, mu, batch, accumulation in [("off", 0.0, 2, 1), ("again", 0.0, 2, 1), ("prox", 1.0, 2, 1),
+                                          ("prox_accumulated", 1.0, 1, 2)]:  # fmt: skip
+        trainer.config = replace(trainer.config, fedprox_mu=mu, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation)  # fmt: skip
+        if mu == 0:
+            assert not trainer._round_trainer(3, None).global_weights  # off: no copy, no gradient hook
+        updates[name] = _flat(trainer.train_round(initial_state, round_num=3).update)
+    trainer.config = replace(trainer.config, fedprox_mu=0.0, gradient_accumulation_steps=1)
+    assert torch.equal(updates["off"], updates["again"])
+    assert updates["prox"].norm() < 0.7 * updates["off"].norm()
+    same_step = (updates["prox_accumulated"] - updates["prox"]).norm() / updates["prox"].norm()
+    assert same_step < 1e-3, same_step  # added per micro-batch instead: 0.12
+
+
+def test_keep_optimizer_state_carries_adam_across_rounds_and_restarts(trainer, initial_state, tmp_path):
+    saved = tmp_path / "optimizer.pt"
+    _small_round(trainer, learning_rate=1e-3, max_steps=2, output_dir=str(tmp_path))
+    off = trainer.train_round(initial_state, round_num=0)
+    assert not list(tmp_path.iterdir())  # off: nothing saved
+
+    def steps_and_moments() -> tuple[set[float], dict[str, torch.Tensor]]:
+        state = torch.load(saved, weights_only=True)
+        assert state.keys() == _trainable_keys(trainer)
+        return {float(s["step"]) for s in state.values()}, {k: s["exp_avg"] for k, s in state.items()}
+
+    trainer.config = replace(trainer.config, keep_optimizer_state=True)
+    try:
+        first = trainer.train_round(initial_state, round_num=0)
+        steps, first_moments = steps_and_moments()
+        assert steps == {2.0} and not list(tmp_path.glob("*.tmp"))
+        # no earlier state: the same round as without the flag
+        assert all(torch.equal(first.update[k], off.update[k]) for k in off.update)
+        second = trainer.train_round(initial_state, round_num=0)
+        steps, second_moments = steps_and_moments()
+        assert steps == {4.0}  # the second round went on from the first's 2 steps
+        assert not all(torch.equal(first.update[k], second.update[k]) for k in first.update)  # with its moments
+        restarted = LocalTrainer(trainer.config)  # a restarted site, same work folder
+        restarted.train_round(initial_state, round_num=0)
+        assert steps_and_moments()[0] == {6.0}
+    finally:
+        trainer.config = replace(trainer.config, keep_optimizer_state=False)
+    assert any(not torch.equal(first_moments[k], second_moments[k]) for k in first_moments)
+
+
+def test_evaluate_is_the_answer_only_loss_and_leaves_the_round_alone(trainer, initial_state, synthetic_pubmedvision,
+                                                                    tmp_path):  # fmt: skip
+    records = _records(synthetic_pubmedvision)[NUM_TRAIN : NUM_TRAIN + 5]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records))
+    _small_round(trainer, learning_rate=1e-3, max_steps=2)
+    trainer.load_global_state(initial_state)
+    # by hand: HF's own loss (mean over the labelled tokens) of each record alone, weighted by its answer tokens
+    dataset = _dataset(records, synthetic_pubmedvision, trainer.processor)
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = trainer.collator([dataset.encode(i)])
+            batch.pop("sample_counts")
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum, tokens = loss_sum + float(trainer.model(**batch).loss) * n, tokens + n
+    weights = _fp32_weights(trainer)
+    result = trainer.evaluate(str(path))
+    assert result == {"val_loss": pytest.approx(loss_sum / tokens, rel=1e-4), "val_samples": 5, "val_tokens": tokens}
+    assert all(torch.equal(p, weights[k]) for k, p in trainer.model.named_parameters())
+    assert trainer.evaluate(str(path), max_samples=2)["val_samples"] == 2
+    # before training, on the received weights; the round is the same as without it
+    plain = trainer.train_round(initial_state, round_num=3)
+    evaluated = trainer.train_round(initial_state, round_num=3, evaluate_on=str(path))
+    assert evaluated.metrics["val_loss"] == result["val_loss"] and evaluated.metrics["val_tokens"] == tokens
+    assert "val_loss" not in plain.metrics and plain.metrics["loss"] == evaluated.metrics["loss"]
+    assert all(torch.equal(plain.update[k], evaluated.update[k]) for k in plain.update)
 
 
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
