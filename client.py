@@ -10,8 +10,9 @@ its meta, so the average ignores it; the site tries again next round.
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
 (also keep exactly what was sent each round under <work_dir>/sent, for checks), `--part_mb` (tensors larger than this
-travel in row parts, transport.py), `--compress_weights` (send the update compressed, lossless: transport.pack); all
-others go to the trainer (`local_trainer.parse_train_args`).
+travel in row parts, transport.py), `--compress_weights` (send the update compressed, lossless: transport.pack),
+`--eval_every`/`--eval_samples`/`--eval_max_new_tokens` (the built-in trainer scores the received global model on the
+site's val.json before training: `val_*` metrics); all others go to the trainer (`local_trainer.parse_train_args`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -66,7 +68,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         default=True,
         help="send the update compressed, lossless (transport.pack)",
     )
-    return parser.parse_known_args(argv)
+    e = parser.add_argument_group("evaluation of the received global model on the site's val.json (built-in trainer)")
+    e.add_argument(
+        "--eval_every", type=int, default=1,
+        help="validation loss every round; generation metrics every N rounds and in the last (0: no evaluation)",
+    )  # fmt: skip
+    e.add_argument("--eval_samples", type=int, default=16, help="records answered for the generation metrics")
+    e.add_argument("--eval_max_new_tokens", type=int, default=256, help="longest answer generated when evaluating")
+    args, rest = parser.parse_known_args(argv)
+    for flag in ("eval_every", "eval_samples", "eval_max_new_tokens"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+    return args, rest
 
 
 def build_trainer(kind: str, train_argv: list[str]) -> Any:
@@ -144,18 +157,34 @@ def save_round(work_dir: Path, round_num: int, trainer: Any, result: Any, checkp
         print(f"round={round_num}: checkpoint not saved ({type(e).__name__}: {e})", flush=True)
 
 
+def round_options(trainer: Any, args, round_num: int, total_rounds: int | None, tag: str) -> dict[str, Any]:
+    """The built-in trainer's options for this round: the run's length (its learning-rate schedule spans the run)
+    and what to evaluate the received model on (`--eval_every`); the official code takes none of them."""
+    if args.trainer != "builtin":
+        return {}
+    options: dict[str, Any] = {"total_rounds": total_rounds}
+    val = trainer.validation_file() if args.eval_every else None
+    if args.eval_every and val is None and not getattr(trainer, "said_no_val", False):
+        trainer.said_no_val = True
+        print(f"{tag} no val.json beside the training data: training without evaluating", flush=True)
+    if val is not None:
+        last = total_rounds is None or round_num >= total_rounds - 1
+        generate = args.eval_samples if round_num % args.eval_every == 0 or last else 0
+        options |= {"evaluate_on": val, "generate_samples": generate, "max_new_tokens": args.eval_max_new_tokens}
+    return options
+
+
 def train_round(
     trainer: Any,
     global_model: FLModel | None,
     round_num: int,
+    total_rounds: int | None,
     tag: str,
     args,
     train_argv: list[str],
-    total_rounds: int | None = None,
 ):
     """One round on this rank: (the trainer, its result, None), or (None, None, the first rank's error) after a
-    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round).
-    `total_rounds` (the server's) places the built-in trainer's round in the run's learning-rate schedule."""
+    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round)."""
     start, error, result = time.time(), None, None
     try:
         if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
@@ -165,8 +194,8 @@ def train_round(
             lazy = sum(map(is_lazy, global_model.params.values()))
             print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
             global_state, global_model.params = transport.join(global_model.params), None
-        schedule = {"total_rounds": total_rounds} if args.trainer == "builtin" else {}  # the official code has its own
-        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **schedule)
+        options = round_options(trainer, args, round_num, total_rounds, tag)
+        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **options)
         result.metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         result.metrics.setdefault("seconds", time.time() - start)
     except Exception as e:  # any failure, OOM included: report it and stay in the federation
@@ -235,12 +264,14 @@ def main(argv: list[str] | None = None) -> None:
         if round_num is None:
             break
         tag = f"site={site} round={round_num}:"
-        trainer, result, error = train_round(trainer, global_model, round_num, tag, args, train_argv, total_rounds)
+        trainer, result, error = train_round(trainer, global_model, round_num, total_rounds, tag, args, train_argv)
         if RANK == 0:
             out = update_message(result, error, args.part_mb)  # the round's update, or the error
             print(f"{tag} sent {len(out.params or {})} tensors", flush=True)
-            for key in ("loss", "samples", "steps", "seconds") if error is None else ():
-                writer.add_scalar(f"train_{key}", out.metrics[key], round_num)
+            for key, value in out.metrics.items() if error is None else ():  # TensorBoard/W&B on the server
+                name = key if key.startswith("val_") else f"train_{key}"
+                if math.isfinite(value):
+                    writer.add_scalar(name, value, round_num)
             flare.send(out)
         if error is None:  # after sending: the server aggregates while this site writes its checkpoint
             due = checkpoint_due(args.checkpoint, round_num, total_rounds)

@@ -800,6 +800,8 @@ class LocalTrainer:
         round_num: int | None = None,
         total_rounds: int | None = None,
         evaluate_on: str | None = None,
+        generate_samples: int = 0,
+        max_new_tokens: int = 256,
     ) -> TrainResult:
         """Load the global weights, train one round, return the round's update.
 
@@ -809,14 +811,14 @@ class LocalTrainer:
         (without it each round has its own schedule). `release_global_state`: empty the `global_state` dict once it
         is loaded, so its host copy (4.26 GB for 2B) is freed before training instead of after (client.py does; the
         caller must not need it afterwards). `evaluate_on`: a records file to `evaluate` the received weights on
-        before training (`val_*` metrics).
+        before training (`val_*` metrics), with the generation metrics on `generate_samples` of its records.
         """
         start = time.perf_counter()
         round_num = self.round if round_num is None else round_num
         self.load_global_state(global_state)
         if release_global_state and global_state is not None:
             global_state.clear()
-        validation = self.evaluate(evaluate_on) if evaluate_on else {}
+        validation = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens) if evaluate_on else {}
         set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
         started_from = self._trained_weights_bf16()
         trainer = self._round_trainer(round_num, total_rounds)
@@ -885,13 +887,24 @@ class LocalTrainer:
         """Where `--keep_optimizer_state` keeps the optimizer state: one file, or one per rank's shards under FSDP."""
         return Path(self.config.output_dir) / (f"optimizer.rank{self.rank}.pt" if self.fsdp else "optimizer.pt")
 
-    def evaluate(self, records_path: str, max_samples: int | None = None) -> dict[str, float]:
+    def validation_file(self) -> str | None:
+        """`val.json` beside the training data (`--dataset_use` a single site folder, prepare_data.py's), if any."""
+        folder = Path(self.config.dataset_use.strip())
+        single = "," not in self.config.dataset_use
+        return str(folder / "val.json") if single and (folder / "val.json").is_file() else None
+
+    def evaluate(
+        self, records_path: str, max_samples: int | None = None, generate_samples: int = 0, max_new_tokens: int = 256
+    ) -> dict[str, float]:
         """Mean answer-token loss of the current weights on the records of `records_path` (a .json list, or a folder
         with train.json; images under --image_root): the training loss, summed over the answer tokens of all records
         and divided by their number. No gradients; under torchrun each rank scores every world_size-th record and the
         sums are all-reduced (collective: call it on every rank). Records that cannot be used are left out.
 
-        Returns `val_loss`, `val_samples` (records scored) and `val_tokens` (answer tokens scored).
+        Returns `val_loss`, `val_samples` (records scored) and `val_tokens` (answer tokens scored). With
+        `generate_samples`, also run_inference.py's generation metrics of greedy answers (at most `max_new_tokens`) to
+        the first `generate_samples` records: `val_exact_match`, `val_token_f1`, `val_closed_acc` (NaN without closed
+        questions) and `val_generated` (answers scored). Rank 0 generates; under FSDP every rank does, in step.
         """
         c = self.config
         records = read_records(records_path)[:max_samples]
@@ -922,7 +935,32 @@ class LocalTrainer:
         if self.world_size > 1:
             dist.all_reduce(totals)
         loss, tokens, samples = totals.tolist()
-        return {"val_loss": loss / tokens if tokens else float("nan"), "val_samples": samples, "val_tokens": tokens}
+        metrics = {"val_loss": loss / tokens if tokens else float("nan"), "val_samples": samples, "val_tokens": tokens}
+        if generate_samples > 0 and (self.rank == 0 or self.fsdp):
+            metrics |= self._generation_metrics(records[:generate_samples], max_new_tokens)
+        return metrics
+
+    @torch.no_grad()
+    def _generation_metrics(self, records: list[dict], max_new_tokens: int) -> dict[str, float]:
+        """run_inference.py's metrics of the current weights' greedy answers to `records`, as `val_*`."""
+        from run_inference import score_records
+
+        c = self.config
+        synced = {"synced_gpus": True} if self.fsdp else {}  # sharded forwards: every rank steps until all are done
+        try:
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16)
+            with autocast, varlen_attention.standard_attention(self.model):
+                scores = score_records(
+                    self.model, self.processor, records, c.image_root, batch_size=c.per_device_train_batch_size,
+                    max_new_tokens=max_new_tokens, **synced,
+                )  # fmt: skip
+        finally:
+            if self.fsdp:
+                _reshard(self.model)
+        return {
+            "val_exact_match": scores["exact_match"], "val_token_f1": scores["token_f1"],
+            "val_closed_acc": scores["closed_acc"], "val_generated": float(scores["num_samples"]),
+        }  # fmt: skip
 
     @torch.no_grad()
     def _summed_answer_loss(self, samples: list[dict[str, Any]]) -> tuple[float, int]:

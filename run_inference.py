@@ -449,6 +449,7 @@ def answer_records(
     max_samples: int = 0,
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    **generate_kwargs,
 ) -> tuple[list[Sample], list[str]]:
     """The first `max_samples` records (0: all) as samples, and `model`'s greedy answers to them, in batches.
 
@@ -463,7 +464,7 @@ def answer_records(
     model.eval()
     tokenizer.padding_side = "left"
     try:
-        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
         answers = answer_samples(model, processor, samples, batch_size, "", progress=False, **kwargs)
     finally:
         model.train(was_training)
@@ -479,13 +480,16 @@ def score_records(
     max_samples: int = 0,
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    **generate_kwargs,
 ) -> dict[str, float]:
     """Mean metrics of `model`'s greedy answers to the first `max_samples` records (0: all), as `answer_records`.
 
     Keys: exact_match, token_f1, rouge_l, closed_acc (NaN when no record is a closed question), num_samples and
     num_closed. Imports nothing beyond torch and transformers, so a federated client can call it every round.
     """
-    samples, answers = answer_records(model, processor, records, image_root, max_samples, batch_size, max_new_tokens)
+    samples, answers = answer_records(
+        model, processor, records, image_root, max_samples, batch_size, max_new_tokens, **generate_kwargs
+    )
     summary = summarize(score_answers(samples, answers)[1])
     closed_acc = float("nan") if summary["closed_acc"] is None else summary["closed_acc"]
     return {**summary, "closed_acc": closed_acc, "num_samples": len(samples)}

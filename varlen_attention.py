@@ -9,6 +9,7 @@ span goes through `scaled_dot_product_attention` in turn, which computes the sam
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -102,3 +103,19 @@ def register() -> str:
 def use_in_vision_tower(model: torch.nn.Module) -> None:
     """After loading with `ATTENTION`: let the vision tower attend over all images of a batch in one call per block."""
     model.config.vision_config._attn_implementation = VISION_ATTENTION
+
+
+@contextlib.contextmanager
+def standard_attention(model: torch.nn.Module):
+    """For generation (padded batches and a KV cache, not packed rows): torch's SDPA for the duration, then the model's
+    own attention again, the vision tower's included. A model loaded with another attention is left as it is."""
+    text, vision = model.config._attn_implementation, model.config.vision_config._attn_implementation
+    if text not in (ATTENTION, VISION_ATTENTION):
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(text)
+        model.config.vision_config._attn_implementation = vision

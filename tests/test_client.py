@@ -60,26 +60,44 @@ def test_a_site_sends_its_weights_in_grouped_items(tmp_path):
     assert downloadable.get_item_count() == 2  # the 4,000-byte tensor, then the 19 small ones together
 
 
-def test_the_builtin_trainer_gets_the_run_s_number_of_rounds():
+def test_the_builtin_trainer_gets_the_run_s_length_and_what_to_evaluate(tmp_path):
     """client.train_round passes the server's total_rounds on to the built-in trainer (its learning-rate schedule
-    spans the run), and not to the official code's, whose train_round does not take it."""
+    spans the run) and its val.json every round, with generation metrics every --eval_every rounds and in the last;
+    nothing without a val.json or with --eval_every 0, and nothing to the official code's trainer."""
     from types import SimpleNamespace
 
     import client
     from local_trainer import TrainResult
 
     class Trainer:  # the trainers' interface, recording what it was given
-        def __init__(self, total_rounds_allowed: bool):
-            self.calls, self.total_rounds_allowed = [], total_rounds_allowed
+        def __init__(self, val: str | None):
+            self.calls, self.val = [], val
 
-        def train_round(self, global_state, release_global_state=False, round_num=None, **schedule):
-            assert self.total_rounds_allowed or not schedule
-            self.calls.append({"round_num": round_num, **schedule})
+        def validation_file(self):
+            return self.val
+
+        def train_round(self, global_state, release_global_state=False, round_num=None, **options):
+            self.calls.append({"round_num": round_num, **options})
             return TrainResult(update={}, metrics={"samples": 1.0})
 
-    for kind, expected in [("builtin", {"round_num": 2, "total_rounds": 5}), ("qwen", {"round_num": 2})]:
-        trainer = Trainer(kind == "builtin")
-        args = SimpleNamespace(trainer=kind)
-        _, result, error = client.train_round(trainer, None, 2, "test:", args, [], total_rounds=5)
-        assert error is None and result.metrics["samples"] == 1.0
-        assert trainer.calls == [expected]
+    val = str(tmp_path / "val.json")
+    evaluation = {"evaluate_on": val, "max_new_tokens": 32}
+
+    def calls(kind: str, val: str | None, eval_every: int) -> list[dict]:
+        trainer = Trainer(val)
+        args = SimpleNamespace(trainer=kind, eval_every=eval_every, eval_samples=4, eval_max_new_tokens=32)
+        for round_num in range(4):
+            _, result, error = client.train_round(trainer, None, round_num, 4, "test:", args, [])
+            assert error is None and result.metrics["samples"] == 1.0
+        return trainer.calls
+
+    assert calls("builtin", val, 2) == [
+        {"round_num": 0, "total_rounds": 4, **evaluation, "generate_samples": 4},
+        {"round_num": 1, "total_rounds": 4, **evaluation, "generate_samples": 0},
+        {"round_num": 2, "total_rounds": 4, **evaluation, "generate_samples": 4},
+        {"round_num": 3, "total_rounds": 4, **evaluation, "generate_samples": 4},  # the last round
+    ]
+    assert (
+        calls("builtin", val, 0) == calls("builtin", None, 1) == [{"round_num": r, "total_rounds": 4} for r in range(4)]
+    )
+    assert calls("qwen", val, 1) == [{"round_num": r} for r in range(4)]

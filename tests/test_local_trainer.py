@@ -786,6 +786,30 @@ def test_evaluate_is_the_answer_only_loss_and_leaves_the_round_alone(trainer, in
     assert all(torch.equal(plain.update[k], evaluated.update[k]) for k in plain.update)
 
 
+def test_evaluate_scores_greedy_answers_of_the_received_model(trainer, initial_state, synthetic_pubmedvision,
+                                                              tmp_path):  # fmt: skip
+    """With generate_samples, the round's val_* metrics include run_inference.py's generation metrics of the received
+    weights' answers to the first records of the file, as score_records computes them on the same weights."""
+    import varlen_attention
+    from run_inference import score_records
+
+    records = _records(synthetic_pubmedvision)[NUM_TRAIN : NUM_TRAIN + 5]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records))
+    trainer.config = replace(trainer.config, learning_rate=1e-3, max_steps=1)
+    result = trainer.train_round(initial_state, round_num=0, evaluate_on=str(path), generate_samples=3,
+                                 max_new_tokens=6)  # fmt: skip
+    trainer.load_global_state(initial_state)
+    with varlen_attention.standard_attention(trainer.model):  # generation takes padded batches, not packed rows
+        expected = score_records(trainer.model, trainer.processor, records[:3], trainer.config.image_root,
+                                 batch_size=trainer.config.per_device_train_batch_size, max_new_tokens=6)  # fmt: skip
+    got = {k: result.metrics[f"val_{k}"] for k in ("exact_match", "token_f1")}
+    assert got == {k: expected[k] for k in got} and result.metrics["val_generated"] == 3
+    assert result.metrics["val_samples"] == 5  # the loss is over the whole file
+    no_generation = trainer.train_round(initial_state, round_num=0, evaluate_on=str(path))
+    assert "val_generated" not in no_generation.metrics
+
+
 def test_every_round_computes_in_bf16_only_when_asked_and_frees_its_optimizer(trainer, initial_state):
     layer = trainer.model.model.language_model.layers[0].mlp.down_proj
     seen: list[torch.dtype] = []
