@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )  # fmt: skip
     e.add_argument("--eval_samples", type=int, default=16, help="records answered for the generation metrics")
     e.add_argument("--eval_max_new_tokens", type=int, default=256, help="longest answer generated when evaluating")
+    e.add_argument("--eval_only", action="store_true", help="score the received model on val.json, train nothing")
     args, rest = parser.parse_known_args(argv)
     for flag in ("eval_every", "eval_samples", "eval_max_new_tokens"):
         if getattr(args, flag) < 0:
@@ -161,6 +162,8 @@ def round_options(trainer: Any, args, round_num: int, total_rounds: int | None, 
     """The built-in trainer's options for this round: the run's length (its learning-rate schedule spans the run)
     and what to evaluate the received model on (`--eval_every`); the official code takes none of them."""
     if args.trainer != "builtin":
+        if args.eval_only:
+            raise ValueError("--eval_only needs the built-in trainer (--trainer builtin)")
         return {}
     options: dict[str, Any] = {"total_rounds": total_rounds}
     val = trainer.validation_file() if args.eval_every else None
@@ -169,7 +172,7 @@ def round_options(trainer: Any, args, round_num: int, total_rounds: int | None, 
         print(f"{tag} no val.json beside the training data: training without evaluating", flush=True)
     if val is not None:
         last = total_rounds is None or round_num >= total_rounds - 1
-        generate = args.eval_samples if round_num % args.eval_every == 0 or last else 0
+        generate = args.eval_samples if args.eval_only or round_num % args.eval_every == 0 or last else 0
         options |= {"evaluate_on": val, "generate_samples": generate, "max_new_tokens": args.eval_max_new_tokens}
     return options
 
@@ -195,7 +198,13 @@ def train_round(
             print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
             global_state, global_model.params = transport.join(global_model.params), None
         options = round_options(trainer, args, round_num, total_rounds, tag)
-        result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **options)
+        if args.eval_only:  # a federated evaluation of the received model: nothing trains, no update is sent
+            if "evaluate_on" not in options:
+                raise FileNotFoundError(f"--eval_only: {tag} has no val.json beside its training data to score")
+            del options["total_rounds"]
+            result = trainer.evaluate_received(global_state, release_global_state=True, **options)
+        else:
+            result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **options)
         result.metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         result.metrics.setdefault("seconds", time.time() - start)
     except Exception as e:  # any failure, OOM included: report it and stay in the federation
@@ -219,9 +228,13 @@ def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
     """What rank 0 sends: the round's update (`ParamsType.DIFF`, large tensors in row parts) with the metrics the
     server weighs by and logs, or, after a failure, no weights and the error in the meta (weight 0: the average
     leaves this site out)."""
+    no_update = {transport.NO_UPDATE: torch.zeros(1)}  # NVFlare's FedAvg passes no result without params on
     if error is not None:
-        return FLModel(metrics={"samples": 0.0}, meta={"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0})
+        meta = {"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0}
+        return FLModel(params_type=ParamsType.DIFF, params=no_update, metrics={"samples": 0.0}, meta=meta)
     metrics = result.metrics
+    if result.update is None:  # --eval_only: the scores alone
+        return FLModel(params_type=ParamsType.DIFF, params=no_update, metrics=metrics, meta={"EVAL_ONLY": True})
     return FLModel(
         params_type=ParamsType.DIFF,
         params=transport.split(result.update, int(part_mb * 2**20)),
@@ -267,13 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         trainer, result, error = train_round(trainer, global_model, round_num, total_rounds, tag, args, train_argv)
         if RANK == 0:
             out = update_message(result, error, args.part_mb)  # the round's update, or the error
-            print(f"{tag} sent {len(out.params or {})} tensors", flush=True)
+            print(f"{tag} sent {len(out.params) if result and result.update else 0} tensors", flush=True)
             for key, value in out.metrics.items() if error is None else ():  # TensorBoard/W&B on the server
                 name = key if key.startswith("val_") else f"train_{key}"
                 if math.isfinite(value):
                     writer.add_scalar(name, value, round_num)
             flare.send(out)
-        if error is None:  # after sending: the server aggregates while this site writes its checkpoint
+        if error is None and not args.eval_only:  # after sending: the server aggregates while this site saves
             due = checkpoint_due(args.checkpoint, round_num, total_rounds)
             save_round(work_dir, round_num, trainer, result, due, args.save_sent)
         global_model = result = None

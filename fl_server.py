@@ -42,9 +42,11 @@ import uuid
 from pathlib import Path
 
 import torch
+from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
@@ -65,7 +67,12 @@ OPTIMIZER_FILE = "FL_server_optimizer.pt"
 BEST_MODEL_FILE = "FL_best_model.pt"
 OPTIMIZER_TOKEN = "server_optimizer_token"  # in both files of one save: the state belongs to that model
 BEST_META = "val_loss_best"  # the aggregate's meta: the global model the sites received this round scored best
-MEAN = "weighted mean"  # site_metrics.json: the "site" of a round's weighted val_loss entry
+MEAN = "weighted mean"  # site_metrics.json: the "site" of a round's weighted val_* entry
+# The sites' scores of the global model they received (client.py): each is averaged weighted by its count.
+VAL_WEIGHTS = {"val_loss": "val_samples", "val_exact_match": "val_generated", "val_token_f1": "val_generated",
+               "val_closed_acc": "val_generated"}  # fmt: skip
+VAL_KEYS = (*VAL_WEIGHTS, "val_samples", "val_generated", "val_seconds")
+EVAL_ONLY = "EVAL_ONLY"  # a site's meta: it evaluated the global model and trained nothing (job.py --eval_only)
 # The run's server optimizer by job id: the aggregator holds it, the persistor saves and restores its state.
 _OPTIMIZERS: dict = {}
 
@@ -250,23 +257,24 @@ class SampleWeightedFedAvg(ModelAggregator):
 
     def accept_model(self, model: FLModel) -> None:
         meta, metrics = model.meta or {}, model.metrics or {}
+        params = {k: v for k, v in (model.params or {}).items() if k != transport.NO_UPDATE}
         site = meta.get("client_name", "unknown")
         weight = float(metrics.get(self.weight_key, meta.get(NUM_SAMPLES, 0)) or 0)
         error = meta.get("ERROR")
-        if not error and model.params and model.params_type != ParamsType.DIFF:
+        if not error and params and model.params_type != ParamsType.DIFF:
             error = f"sent {model.params_type} weights; this server averages updates (ParamsType.DIFF)"
         record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
-        record.update(
-            {k: metrics[k] for k in ("loss", "samples", "steps", "seconds", "val_loss", "val_samples") if k in metrics}
-        )
-        if error or not math.isfinite(weight) or weight <= 0 or not model.params:
+        record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds", *VAL_KEYS) if k in metrics})
+        if not error and not params and meta.get(EVAL_ONLY):
+            self.info(f"{site}: evaluated the global model (val_loss {metrics.get('val_loss')}), sent no update")
+        elif error or not math.isfinite(weight) or weight <= 0 or not params:
             self.warning(f"{site}: left out of the average (weight {weight}, error: {error})")
         else:
             record["weight"] = weight
-            if any(is_lazy(v) for v in model.params.values()):
-                self._on_disk.append((model.params, weight))  # averaged tensor by tensor in aggregate_model
+            if any(is_lazy(v) for v in params.values()):
+                self._on_disk.append((params, weight))  # averaged tensor by tensor in aggregate_model
             else:
-                self._add(model.params, weight)
+                self._add(params, weight)
             self._total += weight
             if "loss" in metrics:
                 self._loss_sum += weight * float(metrics["loss"])
@@ -336,29 +344,34 @@ class SampleWeightedFedAvg(ModelAggregator):
         return result
 
     def _score_received_model(self) -> int | None:
-        """The sample-weighted mean of the sites' `val_loss` (weights: `val_samples`), each scored on the global model
-        it received this round, recorded in the history. When it is the best so far, this round's number: the global
-        model the sites received (the one before this round's update) is the best; else None."""
-        scored = [
-            (float(r["val_loss"]), float(r["val_samples"]))
-            for r in self._round_records
-            if r.get("val_loss") is not None and r.get("val_samples")
-        ]
-        scored = [(loss, n) for loss, n in scored if math.isfinite(loss) and math.isfinite(n) and n > 0]
-        if not scored:
+        """The weighted means of the sites' `val_*` scores of the global model they received this round (`val_loss`
+        weighted by `val_samples`, the generation metrics by `val_generated`), recorded in the history. When the mean
+        val_loss is the best so far, this round's number: the global model the sites received (the one before this
+        round's update) is the best; else None."""
+        entry: dict = {}
+        for key, count in VAL_WEIGHTS.items():
+            scored = [(float(r[key]), float(r[count])) for r in self._round_records if r.get(key) is not None
+                      and r.get(count)]  # fmt: skip
+            scored = [(value, n) for value, n in scored if math.isfinite(value) and math.isfinite(n) and n > 0]
+            if scored:
+                entry[count] = sum(n for _, n in scored)
+                entry[key] = sum(value * n for value, n in scored) / entry[count]
+        if "val_loss" not in entry:
             return None
-        samples = sum(n for _, n in scored)
-        val_loss = sum(loss * n for loss, n in scored) / samples
+        val_loss = entry["val_loss"]
         best = self._best_val_loss is None or val_loss < self._best_val_loss
         if best:
             self._best_val_loss = val_loss
-            for entry in self._history:
-                entry.pop("best", None)
+            for old in self._history:
+                old.pop("best", None)
         round_num = self._round_records[0]["round"]
-        entry = {"round": round_num, "site": MEAN, "val_loss": val_loss, "val_samples": samples}
-        self._history.append(entry | ({"best": True} if best else {}))
-        self.info(f"round {round_num}: the global model the sites received scored val_loss {val_loss:.6g} over "
-                  f"{samples:g} samples{' (best so far)' if best else ''}")  # fmt: skip
+        self._history.append({"round": round_num, "site": MEAN, **entry} | ({"best": True} if best else {}))
+        for key in VAL_WEIGHTS.keys() & entry.keys():  # TensorBoard / W&B, beside the sites' own values
+            dxo = create_analytic_dxo(f"global_{key}", entry[key], AnalyticsDataType.SCALAR, global_step=round_num)
+            send_analytic_dxo(self, dxo, self.fl_ctx)
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k in VAL_WEIGHTS)
+        self.info(f"round {round_num}: the global model the sites received scored {scores} (weighted over "
+                  f"{entry['val_samples']:g} records){' (best so far)' if best else ''}")  # fmt: skip
         return round_num if best else None
 
     def _fp32(self, name: str) -> torch.Tensor:

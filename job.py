@@ -105,6 +105,21 @@ def define_parser() -> argparse.ArgumentParser:
         help="fedadam / fedyogi: adaptivity tau added to sqrt(v); 1e-3 is the paper's tuned value (often better than "
         "Adam's 1e-8 for federated updates)",
     )  # fmt: skip
+    e = p.add_argument_group("evaluation: each site scores the global model it receives on its val.json")
+    e.add_argument(
+        "--eval_every", type=int, default=1,
+        help="validation loss every round; generation metrics (exact match, token F1, closed-question accuracy) every "
+        "N rounds and in the last; 0: no evaluation",
+    )  # fmt: skip
+    e.add_argument("--eval_samples", type=int, default=16, help="records per site answered for the generation metrics")
+    e.add_argument(
+        "--eval_max_new_tokens", type=int, default=None, help="longest answer generated (default 256; 16 with --demo)"
+    )  # fmt: skip
+    e.add_argument(
+        "--eval_only", action="store_true",
+        help="one round that scores the model (--resume_from, else --model_name_or_path) on every site's val.json, "
+        "training nothing",
+    )  # fmt: skip
     t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
     t.add_argument("--launch_timeout", type=float, default=1800, help="site process start-up to first contact")
     t.add_argument("--get_task_timeout", type=float, default=1800, help="client waiting for the global model")
@@ -185,6 +200,10 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
         "--learning_rate", str(args.learning_rate),
         *schedule,
         "--report_to", "none",
+        "--eval_every", str(args.eval_every),
+        "--eval_samples", str(args.eval_samples),
+        "--eval_max_new_tokens", str(args.eval_max_new_tokens),
+        *(["--eval_only"] if args.eval_only else []),
     ]  # fmt: skip
     return shlex.join(flags) + (" " + args.train_args if args.train_args else "")
 
@@ -238,6 +257,10 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit("error: --env prod needs --startup_kit (the admin's startup kit folder)")
     if args.nproc_per_client < 1 or args.n_clients < 1 or args.num_rounds < 1:
         raise SystemExit("error: --n_clients, --num_rounds and --nproc_per_client must be at least 1")
+    if min(args.eval_every, args.eval_samples, args.eval_max_new_tokens) < 0:
+        raise SystemExit("error: --eval_every, --eval_samples and --eval_max_new_tokens must be 0 or more")
+    if args.eval_only and (args.eval_every == 0 or args.trainer != "builtin"):
+        raise SystemExit("error: --eval_only needs the built-in trainer and --eval_every 1 or more")
     if args.part_mb < 0:
         raise SystemExit(f"error: --part_mb {args.part_mb:g} is negative (0 sends every tensor whole)")
     if not (math.isfinite(args.server_lr) and args.server_lr > 0):
@@ -352,19 +375,25 @@ def find_outputs(root: Path) -> dict[str, list[Path]]:
 
 
 def plot_losses(metrics_file: Path, png: Path) -> Path:
-    """Training loss per site per round, from the aggregator's site_metrics.json."""
+    """Training loss per site per round, and the validation loss of the global model each round started from, from
+    the aggregator's site_metrics.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fl_server import MEAN
+
     records = json.loads(metrics_file.read_text())
     fig, ax = plt.subplots(figsize=(6, 4))
-    for site in sorted({r["site"] for r in records}):
+    for site in sorted({r["site"] for r in records} - {MEAN}):
         points = sorted((r["round"], r["loss"]) for r in records if r["site"] == site and r.get("loss") is not None)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=site)
-    ax.set(xlabel="FL round", ylabel="training loss", title="Qwen3-VL federated fine-tuning: local loss per site")
+    validation = sorted((r["round"], r["val_loss"]) for r in records if r["site"] == MEAN and "val_loss" in r)
+    if validation:
+        ax.plot(*zip(*validation, strict=True), "k--", marker="s", label="global model as received: val loss")
+    ax.set(xlabel="FL round", ylabel="loss", title="Qwen3-VL federated fine-tuning: loss per site")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
         ax.legend()
@@ -374,8 +403,17 @@ def plot_losses(metrics_file: Path, png: Path) -> Path:
     return png
 
 
+def scores(record: dict) -> str:
+    """The `val_*` scores in a site_metrics.json record, as `; val_loss 1.23, exact_match 0.250`, or ''."""
+    keys = ("val_loss", "val_exact_match", "val_token_f1", "val_closed_acc")
+    found = [f"{k.removeprefix('val_')} {record[k]:.4g}" for k in keys if math.isfinite(record.get(k, math.nan))]
+    return f"; val {', '.join(found)}" if found else ""
+
+
 def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None) -> int:
     """Print per-round site results and where every output is; write the loss plot. Non-zero without a model."""
+    from fl_server import MEAN
+
     outputs = find_outputs(root)
     outputs["site and server logs"] += site_logs or []
     if outputs["per-site metrics"]:
@@ -385,10 +423,15 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
         for rnd in range(num_rounds):
             got = {r["site"]: r for r in records if r["round"] == rnd}
             for site in sites:
-                r = got.get(site)
-                failed |= not (r and r["weight"])
-                status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r and r["weight"] else "weight 0 (failed)"
-                print(f"  round {rnd} {site}: {status}")
+                r = got.get(site) or {"weight": 0, "error": "no result"}
+                evaluated_only = not r["weight"] and not r.get("error") and r.get("val_loss") is not None
+                failed |= not (r["weight"] or evaluated_only)
+                failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
+                status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
+                print(f"  round {rnd} {site}: {'evaluated' if evaluated_only else status}{scores(r)}")
+            if MEAN in got:
+                best = " (best so far: FL_best_model.pt)" if got[MEAN].get("best") else ""
+                print(f"  round {rnd} global model as received, weighted over the sites:{scores(got[MEAN])}{best}")
         if failed:
             print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
     print(f"\nResults under {root}:")
@@ -407,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     args = define_parser().parse_args(argv)
     if args.demo:
         prepare_demo(args)
-    args.num_rounds = args.num_rounds or (2 if args.demo else 3)
+    if args.eval_only and (args.num_rounds or 1) != 1:
+        raise SystemExit("error: --eval_only scores the model in one round; leave --num_rounds out")
+    args.num_rounds = 1 if args.eval_only else args.num_rounds or (2 if args.demo else 3)
+    args.eval_max_new_tokens = args.eval_max_new_tokens or (16 if args.demo else 256)
     if args.export_dir:
         args.export = args.export_dir
     # NVFlare consumes --export/--export-dir from sys.argv when nvflare.recipe is imported; they are parsed above.

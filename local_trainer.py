@@ -854,6 +854,23 @@ class LocalTrainer:
         }
         return TrainResult(update=self._update_since(started_from), metrics=metrics)
 
+    def evaluate_received(
+        self,
+        global_state: dict[str, torch.Tensor] | None,
+        evaluate_on: str,
+        generate_samples: int = 0,
+        max_new_tokens: int = 256,
+        release_global_state: bool = False,
+    ) -> TrainResult:
+        """Load the global weights and `evaluate` them on `evaluate_on`, training nothing (job.py --eval_only): a
+        result without an update, whose metrics are the `val_*` scores."""
+        start = time.perf_counter()
+        self.load_global_state(global_state)
+        if release_global_state and global_state is not None:
+            global_state.clear()
+        metrics = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens)
+        return TrainResult(update=None, metrics={**metrics, "samples": 0.0, "seconds": time.perf_counter() - start})
+
     def _round_trainer(self, round_num: int, total_rounds: int | None):
         """The round's Hugging Face Trainer, with the run's schedule, FedProx term and kept optimizer state."""
         c = self.config
@@ -905,8 +922,9 @@ class LocalTrainer:
         `generate_samples`, also run_inference.py's generation metrics of greedy answers (at most `max_new_tokens`) to
         the first `generate_samples` records: `val_exact_match`, `val_token_f1`, `val_closed_acc` (NaN without closed
         questions) and `val_generated` (answers scored). Rank 0 generates; under FSDP every rank does, in step.
+        `val_seconds`: the time it took.
         """
-        c = self.config
+        c, start = self.config, time.perf_counter()
         records = read_records(records_path)[:max_samples]
         dataset = SFTDataset(records, c.image_root, self.processor, c.model_max_length)
         mine = range(self.rank, len(dataset), self.world_size)
@@ -938,7 +956,7 @@ class LocalTrainer:
         metrics = {"val_loss": loss / tokens if tokens else float("nan"), "val_samples": samples, "val_tokens": tokens}
         if generate_samples > 0 and (self.rank == 0 or self.fsdp):
             metrics |= self._generation_metrics(records[:generate_samples], max_new_tokens)
-        return metrics
+        return metrics | {"val_seconds": time.perf_counter() - start}
 
     @torch.no_grad()
     def _generation_metrics(self, records: list[dict], max_new_tokens: int) -> dict[str, float]:
@@ -951,9 +969,9 @@ class LocalTrainer:
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16)
             with autocast, varlen_attention.standard_attention(self.model):
                 scores = score_records(
-                    self.model, self.processor, records, c.image_root, batch_size=c.per_device_train_batch_size,
+                    self.model, self.processor, records, c.image_root, batch_size=min(len(records), 16),
                     max_new_tokens=max_new_tokens, **synced,
-                )  # fmt: skip
+                )  # fmt: skip  # generation needs far less memory per sample than training: batches of 16
         finally:
             if self.fsdp:
                 _reshard(self.model)

@@ -79,6 +79,9 @@ from safetensors.torch import save as save_tensors
 from model import copy_into, materialize, tensor_shape
 
 PART_BYTES = 24 * 2**20  # job.py's --part_mb default
+# The one "tensor" of a result without weights (a failed round, an evaluation): NVFlare's FedAvg hands a result with
+# no params to no aggregator, so the site's error or scores would never reach site_metrics.json.
+NO_UPDATE = "no_update"
 _ROWS = "#rows="
 # A packed item's first 8 bytes. Read as a safetensors header's length (what an unpacked item starts with) they
 # would be over 2**63 bytes, so no unpacked item starts with them.

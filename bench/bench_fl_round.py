@@ -157,10 +157,13 @@ def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[
     rows = []
     for r in range(1, len(ends)):
         wall = (ends[r] - ends[r - 1]).total_seconds()
-        train = max(m["seconds"] for m in metrics if m["round"] == r)
+        sites = [m for m in metrics if m["round"] == r and "seconds" in m]
+        train = max(m["seconds"] for m in sites)  # the site's whole round: its evaluation (val_seconds) included
+        evaluation = max((m.get("val_seconds", 0.0) for m in sites), default=0.0)
         rows.append(
-            dict(round=r, wall_s=round(wall, 1), slowest_training_s=round(train, 1), overhead_s=round(wall - train, 1))
-        )
+            dict(round=r, wall_s=round(wall, 1), slowest_training_s=round(train, 1), overhead_s=round(wall - train, 1),
+                 slowest_evaluation_s=round(evaluation, 1))
+        )  # fmt: skip
     return rows
 
 
@@ -215,6 +218,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_fl_round")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the job's processes")
     ap.add_argument("--site_args", default="", help='more client.py flags, e.g. --site_args="--checkpoint every"')
+    ap.add_argument("--val_records", type=int, default=32, help="records of each site's val.json (0: no evaluation)")
     ap.add_argument("--solo_only", action="store_true", help="only measure one trainer training alone")
     ap.add_argument("--probe", action="store_true", help="time NVFlare's download requests (bench/request_probe)")
     ap.add_argument("job_args", nargs="*", help="extra job.py flags after --, e.g. -- --part_mb 64")
@@ -226,9 +230,13 @@ def main() -> None:
     model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, 448 * 448)
     build_dataset(work / "images", n=64, image_size=64 if args.tiny else 448, mixed_sizes=False)
     train = (work / "images" / "train.json").read_text()
+    val = json.dumps(json.loads(train)[: args.val_records])  # each site scores the received model (job.py's defaults)
     for i in range(1, args.clients + 1):
         (work / "data" / f"site-{i}").mkdir(parents=True, exist_ok=True)
         (work / "data" / f"site-{i}" / "train.json").write_text(train)
+        (work / "data" / f"site-{i}" / "val.json").unlink(missing_ok=True)
+        if args.val_records:
+            (work / "data" / f"site-{i}" / "val.json").write_text(val)
     training_only = training_only_rss_gib(
         [*extra_args(args), "--model_name_or_path", str(model_dir), "--dataset_use", str(work / "data" / "site-1"),
          "--image_root", str(work / "images"), "--max_steps", str(args.max_steps), "--output_dir", str(work / "solo")],

@@ -85,7 +85,9 @@ def test_the_builtin_trainer_gets_the_run_s_length_and_what_to_evaluate(tmp_path
 
     def calls(kind: str, val: str | None, eval_every: int) -> list[dict]:
         trainer = Trainer(val)
-        args = SimpleNamespace(trainer=kind, eval_every=eval_every, eval_samples=4, eval_max_new_tokens=32)
+        args = SimpleNamespace(
+            trainer=kind, eval_every=eval_every, eval_samples=4, eval_max_new_tokens=32, eval_only=False
+        )
         for round_num in range(4):
             _, result, error = client.train_round(trainer, None, round_num, 4, "test:", args, [])
             assert error is None and result.metrics["samples"] == 1.0

@@ -5,6 +5,7 @@ job resumed from the first one's global model.
 """
 
 import json
+import math
 import os
 import re
 import socket
@@ -160,13 +161,15 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     moved = downloaded_bytes(logs)
     assert len(moved) >= 8 and all(n < 0.8 * raw for n in moved), (moved, raw)
 
-    # The server's record: site-1 and site-2 weighed by their samples; site-3 sent no weights, so FedAvg
-    # dropped its result before aggregation in both rounds.
+    # The server's record: site-1 and site-2 weighed by their samples; site-3 sent no weights, only its error
+    # (a placeholder tensor gets its result past NVFlare's FedAvg to the aggregator), in both rounds.
     records = json.loads((server_app(ws) / "site_metrics.json").read_text())
     weights_by_round = {(r["round"], r["site"]): r["weight"] for r in records}
-    assert weights_by_round == {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
+    expected = {(rnd, s): float(n) for rnd in (0, 1) for s, n in SITE_SIZES.items()}
+    assert weights_by_round == expected | {(0, "site-3"): 0.0, (1, "site-3"): 0.0}
+    assert all("JSONDecodeError" in r["error"] for r in records if r["site"] == "site-3")
     server_log = (ws / "server" / "log.txt").read_text()
-    assert server_log.count("Empty result from client site-3, skipping") == 2
+    assert server_log.count("site-3: left out of the average (weight 0.0, error: rank 0: JSONDecodeError") == 2
     # The weights went straight between each trainer and the server job (--adhoc_connections, the default).
     for site in SITE_SIZES:
         site_log = (ws / site / "log.txt").read_text()
@@ -198,9 +201,9 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     # The server serialized each item it sent once for the three sites' downloads (site-3 downloads, then fails).
     shared = f"the sites' downloads were served {3 * n_global_items} tensor items from {n_global_items} serializations"
     assert server_log.count(shared) == 2
-    losses = {(r["round"], r["site"]): r["loss"] for r in records}
+    losses = {(r["round"], r["site"]): r["loss"] for r in records if "loss" in r}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
-    assert "round 1 site-3: weight 0 (failed)" in proc.stdout
+    assert "round 1 site-3: weight 0 (failed: rank 0: JSONDecodeError" in proc.stdout
 
     # site-3 logged the failure each round (it retried) and sent weight 0; the job still finished.
     log3 = (ws / "site-3" / "log.txt").read_text()
@@ -328,7 +331,7 @@ def test_when_every_site_fails_the_global_model_stays(tmp_path, tiny_model_dir, 
     initial, final = Qwen3VLModel(str(tiny_model_dir)).state_dict(), global_weights(tmp_path / "ws" / JOB_NAME)
     assert initial.keys() == final.keys() and all(torch.equal(initial[k].float(), final[k]) for k in initial)
     assert "no site contributed this round" in (tmp_path / "ws" / JOB_NAME / "server" / "log.txt").read_text()
-    assert "round 0 site-1: weight 0 (failed)" in proc.stdout
+    assert "round 0 site-1: weight 0 (failed: rank 0: ValueError" in proc.stdout
 
 
 def test_export_writes_per_site_torchrun_commands(tmp_path, tiny_model_dir):
@@ -471,3 +474,58 @@ def test_fedavgm_steps_the_global_model_with_server_momentum_and_saves_its_state
     state = torch.load(server_app(ws) / "FL_server_optimizer.pt", weights_only=True)
     assert state["optimizer"] == "fedavgm" and set(state["state"]) == set(momentum)
     assert "server optimizer state (fedavgm)" in (ws / "server" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_sites_score_the_global_model_they_receive_and_eval_only_scores_a_model(
+    tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """With a val.json per site, each round's results carry the site's scores of the model it received; the server
+    records their weighted means and keeps the best scored model. `--eval_only` scores the initial model the same
+    way, training nothing: its scores equal round 0's of the training run, which received the same model."""
+    from prepare_data import add_image_placeholders
+    from synthetic_data import JSON_NAME
+
+    records = json.loads((synthetic_pubmedvision / JSON_NAME).read_text())
+    data = tmp_path / "data"
+    for i, site in enumerate(SITE_SIZES, start=1):
+        (data / site).mkdir(parents=True)
+        (data / site / "train.json").write_text((site_data / site / "train.json").read_text())
+        val = [add_image_placeholders(r) for r in records[-4 * i :][:4]]
+        (data / site / "val.json").write_text(json.dumps(val))
+    common = (
+        "--n_clients", "2", "--max_steps", "1", "--data_dir", str(data), "--image_root", str(synthetic_pubmedvision),
+        "--model_name_or_path", str(tiny_model_dir), "--learning_rate", "2e-3", f"--train_args={demo_train_args()}",
+        "--eval_samples", "2", "--eval_max_new_tokens", "4",
+    )  # fmt: skip
+    trained = run_job(*common, "--num_rounds", "3", "--eval_every", "2", "--workspace", str(tmp_path / "train"),
+                      "--master_port", str(free_port_base(2)))  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    ws = tmp_path / "train" / JOB_NAME
+    history = json.loads((server_app(ws) / "site_metrics.json").read_text())
+    for rnd in range(3):
+        got = {r["site"]: r for r in history if r["round"] == rnd}
+        generated = rnd != 1  # every 2nd round and the last
+        for site in SITE_SIZES:
+            assert got[site]["val_samples"] == 4 and math.isfinite(got[site]["val_loss"]), (rnd, site)
+            assert ("val_exact_match" in got[site]) == generated and ("val_token_f1" in got[site]) == generated
+        mean = got["weighted mean"]
+        assert mean["val_loss"] == pytest.approx(sum(got[s]["val_loss"] for s in SITE_SIZES) / 2, rel=1e-9)
+        assert mean["val_samples"] == 8 and ("val_generated" in mean) == generated
+    best = [r for r in history if r.get("best")]
+    assert len(best) == 1 and best[0]["val_loss"] == min(r["val_loss"] for r in history if r["site"] == "weighted mean")
+    assert (server_app(ws) / "FL_best_model.pt").is_file()
+    assert "global model as received, weighted over the sites" in trained.stdout
+    # the weighted means reached TensorBoard on the server's side, the sites' own values on theirs
+    assert list((ws / "server" / "simulate_job" / "tb_events" / "simulator_server").glob("events.out.tfevents.*"))
+    # --eval_only: the initial model scored on every site's val.json, nothing trained
+    scored = run_job(*common, "--eval_only", "--workspace", str(tmp_path / "eval"),
+                     "--master_port", str(free_port_base(2)))  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    evaluation = json.loads((server_app(tmp_path / "eval" / JOB_NAME) / "site_metrics.json").read_text())
+    round0 = {r["site"]: r for r in history if r["round"] == 0}
+    for r in evaluation:
+        assert r["round"] == 0 and r.get("weight", 0) == 0
+        for key in ("val_loss", "val_exact_match", "val_token_f1"):
+            assert r[key] == pytest.approx(round0[r["site"]][key], rel=1e-5), (r["site"], key)
+    assert "evaluated; val loss" in scored.stdout
