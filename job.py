@@ -404,10 +404,10 @@ def plot_losses(metrics_file: Path, png: Path) -> Path:
 
 
 def scores(record: dict) -> str:
-    """The `val_*` scores in a site_metrics.json record, as `; val_loss 1.23, exact_match 0.250`, or ''."""
+    """The `val_*` scores in a site_metrics.json record, as `val loss 1.23, exact_match 0.25`, or ''."""
     keys = ("val_loss", "val_exact_match", "val_token_f1", "val_closed_acc")
     found = [f"{k.removeprefix('val_')} {record[k]:.4g}" for k in keys if math.isfinite(record.get(k, math.nan))]
-    return f"; val {', '.join(found)}" if found else ""
+    return f"val {', '.join(found)}" if found else ""
 
 
 def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None) -> int:
@@ -428,10 +428,11 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
                 failed |= not (r["weight"] or evaluated_only)
                 failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
                 status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
-                print(f"  round {rnd} {site}: {'evaluated' if evaluated_only else status}{scores(r)}")
+                line = "; ".join(filter(None, ["evaluated" if evaluated_only else status, scores(r)]))
+                print(f"  round {rnd} {site}: {line}")
             if MEAN in got:
-                best = " (best so far: FL_best_model.pt)" if got[MEAN].get("best") else ""
-                print(f"  round {rnd} global model as received, weighted over the sites:{scores(got[MEAN])}{best}")
+                best = " (the best: FL_best_model.pt)" if got[MEAN].get("best") else ""
+                print(f"  round {rnd} the model the sites received, weighted mean: {scores(got[MEAN])}{best}")
         if failed:
             print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
     print(f"\nResults under {root}:")

@@ -515,7 +515,7 @@ def test_sites_score_the_global_model_they_receive_and_eval_only_scores_a_model(
     best = [r for r in history if r.get("best")]
     assert len(best) == 1 and best[0]["val_loss"] == min(r["val_loss"] for r in history if r["site"] == "weighted mean")
     assert (server_app(ws) / "FL_best_model.pt").is_file()
-    assert "global model as received, weighted over the sites" in trained.stdout
+    assert "the model the sites received, weighted mean: val loss" in trained.stdout
     # the weighted means reached TensorBoard on the server's side, the sites' own values on theirs
     assert list((ws / "server" / "simulate_job" / "tb_events" / "simulator_server").glob("events.out.tfevents.*"))
     # --eval_only: the initial model scored on every site's val.json, nothing trained
