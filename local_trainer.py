@@ -954,17 +954,23 @@ class LocalTrainer:
             dist.all_reduce(totals)
         loss, tokens, samples = totals.tolist()
         metrics = {"val_loss": loss / tokens if tokens else float("nan"), "val_samples": samples, "val_tokens": tokens}
-        if generate_samples > 0 and (self.rank == 0 or self.fsdp):
+        if generate_samples > 0:
             metrics |= self._generation_metrics(records[:generate_samples], max_new_tokens)
         return metrics | {"val_seconds": time.perf_counter() - start}
 
     @torch.no_grad()
     def _generation_metrics(self, records: list[dict], max_new_tokens: int) -> dict[str, float]:
-        """run_inference.py's metrics of the current weights' greedy answers to `records`, as `val_*`."""
+        """run_inference.py's metrics of the current weights' greedy answers to `records`, as `val_*`. Every rank
+        calls it; rank 0 alone generates, except under FSDP, where every rank does, in step."""
         from run_inference import score_records
 
         c = self.config
-        synced = {"synced_gpus": True} if self.fsdp else {}  # sharded forwards: every rank steps until all are done
+        if self.rank != 0 and not self.fsdp:
+            return {}
+        synced = {}
+        if self.fsdp:  # generation runs parts of the root unit (the vision patch embedding) outside its forward
+            self.model.unshard()
+            synced = {"synced_gpus": True}  # every rank steps (the other units gather per forward) until all are done
         try:
             autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16)
             with autocast, varlen_attention.standard_attention(self.model):

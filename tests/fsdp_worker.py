@@ -97,6 +97,12 @@ def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
     except ValueError as err:
         refused = str(err)
     trainer.save_checkpoint(str(out_dir / "ckpt"))  # every rank: it gathers the weights (round 1's, read back)
+    # Round 3 of 4 with what the job turns on: the received model scored (loss and answers, every rank in step),
+    # FedProx and the optimizer state kept; the run's schedule.
+    trainer.config = replace(trainer.config, fedprox_mu=1.0, keep_optimizer_state=True, max_steps=1)
+    third = trainer.train_round(initial, round_num=2, total_rounds=4, evaluate_on=site_dir, generate_samples=2,
+                                max_new_tokens=4)  # fmt: skip
+    optimizer_file = Path(trainer.config.output_dir) / f"optimizer.rank{rank}.pt"
     gc.collect()
     optimizers = sum(issubclass(type(o), torch.optim.Optimizer) for o in gc.get_objects())
 
@@ -110,6 +116,8 @@ def main(out: str, model_dir: str, site_dir: str, image_root: str) -> None:
         "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
         "first_metrics": first.metrics,
         "second_metrics": second.metrics,
+        "third_metrics": third.metrics,
+        "optimizer_file": optimizer_file.is_file(),
         "update_on_rank": [first.update is not None, second.update is not None],
         "first_started_from_initial": first_check,
         "second_started_from_initial": second_check,

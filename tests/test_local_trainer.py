@@ -890,6 +890,25 @@ def test_fsdp_shards_the_model_once_and_reuses_it_every_round(fsdp_run):
 
 
 @pytest.mark.slow
+def test_fsdp_evaluates_the_received_model_with_fedprox_and_kept_state(fsdp_run, tiny_model_dir, site_dir,
+                                                                        synthetic_pubmedvision, tmp_path):  # fmt: skip
+    """Round 3 under FSDP scores the received model (every rank in step, generation too) as one process does, and
+    trains with FedProx and a kept optimizer state (one file per rank)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fsdp_worker import config
+
+    ranks = [r["third_metrics"] for r in fsdp_run["ranks"]]
+    assert all(r["optimizer_file"] for r in fsdp_run["ranks"]) and ranks[0]["steps"] == 1
+    single = LocalTrainer(config(str(tiny_model_dir), str(site_dir), str(synthetic_pubmedvision), str(tmp_path)))
+    single.load_global_state(load_state_dict_from_checkpoint(str(tiny_model_dir)))
+    expected = single.evaluate(str(site_dir), generate_samples=2, max_new_tokens=4)
+    for metrics in ranks:
+        assert metrics["val_samples"] == expected["val_samples"] and metrics["val_generated"] == 2
+        assert metrics["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+        assert metrics["val_token_f1"] == expected["val_token_f1"]
+
+
+@pytest.mark.slow
 def test_fsdp_loads_the_global_state_into_the_shards_and_gathers_it_back(fsdp_run, initial_state):
     from safetensors.torch import load_file
 
