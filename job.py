@@ -40,7 +40,7 @@ DEMO_TRAIN_ARGS = (
 
 def define_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--demo", action="store_true", help="tiny model + synthetic data under ./demo, 3 sites x 2 rounds")
     p.add_argument("--n_clients", type=int, default=3, help="number of sites (site-1 .. site-N)")

@@ -450,6 +450,7 @@ def fetch_from_hub(repo_id: str, split_name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=(
             "Split PubMedVision into <output_dir>/site-N/train.json (N = 1..num_clients), each site's held-out "
             "<output_dir>/site-N/val.json and, with --test_size, a held-out <output_dir>/test.json. Files keep the "

@@ -529,3 +529,13 @@ def test_sites_score_the_global_model_they_receive_and_eval_only_scores_a_model(
         for key in ("val_loss", "val_exact_match", "val_token_f1"):
             assert r[key] == pytest.approx(round0[r["site"]][key], rel=1e-5), (r["site"], key)
     assert "evaluated; val loss" in scored.stdout
+
+
+@pytest.mark.parametrize("flag", ["--num_round", "--n_client", "--resume", "--work"])
+def test_a_mistyped_or_shortened_flag_is_refused(flag, capsys):
+    """A prefix of a flag is not taken for the flag: `--num_round 3` would otherwise silently mean --num_rounds."""
+    from job import define_parser
+
+    with pytest.raises(SystemExit) as exited:
+        define_parser().parse_args([flag, "3"])
+    assert exited.value.code == 2 and f"unrecognized arguments: {flag} 3" in capsys.readouterr().err

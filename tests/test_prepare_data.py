@@ -467,6 +467,13 @@ def test_bad_arguments_are_usage_errors(args, message, source, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", ["--num_client", "--test", "--check_image"])
+def test_a_mistyped_or_shortened_flag_is_refused(flag, source, tmp_path):
+    result = run_prepare("--data_file", str(source), "--output_dir", str(tmp_path / "o"), flag, "2")
+    assert result.returncode == 2 and f"unrecognized arguments: {flag}" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_failure_while_writing_leaves_earlier_outputs_and_no_temp_files(source, earlier_outputs, monkeypatch):
     out, before = earlier_outputs
     real = prepare_data.add_image_placeholders
