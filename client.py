@@ -215,7 +215,7 @@ def train_round(
         print(f"{tag} rank {RANK} of {WORLD_SIZE} trained" if RANK else f"{tag} metrics {result.metrics}", flush=True)
         return trainer, result, None
     if RANK == 0:
-        print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
+        print(f"site training failed (--trainer {args.trainer}): {error}", file=sys.stderr, flush=True)
         print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
     trainer = result = None  # a fresh trainer next round frees what a failure (e.g. OOM) left behind
     gc.collect()

@@ -434,7 +434,7 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
                 best = " (the best: FL_best_model.pt)" if got[MEAN].get("best") else ""
                 print(f"  round {rnd} the model the sites received, weighted mean: {scores(got[MEAN])}{best}")
         if failed:
-            print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
+            print("  A failed site sends no weights; its log says why (search 'site training failed').")
     print(f"\nResults under {root}:")
     for what, paths in outputs.items():
         if what.endswith("(--wandb)") and not paths:

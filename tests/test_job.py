@@ -207,7 +207,7 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
 
     # site-3 logged the failure each round (it retried) and sent weight 0; the job still finished.
     log3 = (ws / "site-3" / "log.txt").read_text()
-    assert log3.count("Qwen SFT script failed: rank 0: JSONDecodeError") == 2
+    assert log3.count("site training failed (--trainer builtin): rank 0: JSONDecodeError") == 2
     assert log3.count("sent weight 0 (after error) check ") == 2
     assert "site-3/train.json" in log3
 
