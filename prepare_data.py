@@ -542,6 +542,11 @@ def run(args: argparse.Namespace) -> None:
         image_root = Path(args.image_root) if args.image_root else data_file.parent
         bad = find_bad_images(records, image_root)
         report_bad_images(records, bad)
+        if records and len(bad) == len(records):
+            raise PrepareError(
+                f"every one of the {len(records):,} records has a missing or unreadable image under {image_root}: "
+                "is --image_root right? Nothing was written."
+            )
         if bad and args.drop_bad_images:
             drop = {index for index, _ in bad}
             records = [record for i, record in enumerate(records) if i not in drop]
