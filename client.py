@@ -46,7 +46,7 @@ RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZ
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainer", choices=("builtin", "qwen"), default="builtin")
     parser.add_argument("--work_dir", default=None, help="checkpoint folder (default: ./qwen3vl_checkpoints)")
     parser.add_argument(
@@ -215,7 +215,7 @@ def train_round(
         print(f"{tag} rank {RANK} of {WORLD_SIZE} trained" if RANK else f"{tag} metrics {result.metrics}", flush=True)
         return trainer, result, None
     if RANK == 0:
-        print(f"Qwen SFT script failed: {error}", file=sys.stderr, flush=True)
+        print(f"site training failed (--trainer {args.trainer}): {error}", file=sys.stderr, flush=True)
         print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
     trainer = result = None  # a fresh trainer next round frees what a failure (e.g. OOM) left behind
     gc.collect()

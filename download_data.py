@@ -249,6 +249,7 @@ def unzip_archives(output_dir: Path) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=(
             "Download PubMedVision (JSON files + images_0..19.zip, about 57 GB) and unzip the archives flat "
             "into <output_dir>/images/ (about as much again: plan for ~120 GB free). Reruns resume the download "

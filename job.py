@@ -14,7 +14,10 @@ import math
 import os
 import re
 import shlex
+import shutil
+import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +27,8 @@ import host_memory
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "qwen3-vl"
 DEMO_DIR = HERE / "demo"
+DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
+DEFAULT_MASTER_PORT = 29500  # prod and export: the sites' machines, whose free ports this one cannot know
 # Files each site needs next to client.py (qwen_official.py only when it exists).
 CLIENT_FILES = (
     "local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "transport.py", "qwen_official.py"
@@ -40,7 +45,7 @@ DEMO_TRAIN_ARGS = (
 
 def define_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--demo", action="store_true", help="tiny model + synthetic data under ./demo, 3 sites x 2 rounds")
     p.add_argument("--n_clients", type=int, default=3, help="number of sites (site-1 .. site-N)")
@@ -58,8 +63,15 @@ def define_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu", default=None, help='GPU groups per site, e.g. "[0],[1],[2]" or "[0,1],[2,3]"')
     p.add_argument("--nproc_per_client", type=int, default=1, help="torchrun processes per site (without --gpu)")
-    p.add_argument("--master_port", type=int, default=29500, help="site-i uses master_port + i")
-    p.add_argument("--workspace", default="/tmp/nvflare/simulation", help="simulator workspace root (--env sim)")
+    p.add_argument(
+        "--master_port", type=int, default=None,
+        help=f"site-i's torchrun uses master_port + i (default: a free range here in sim and poc, "
+        f"{DEFAULT_MASTER_PORT} in prod and --export)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workspace", default=None,
+        help=f"simulator workspace root (--env sim; default {DEFAULT_WORKSPACE}, ./demo/workspace with --demo)",
+    )  # fmt: skip
     p.add_argument("--env", choices=("sim", "poc", "prod"), default="sim", help="where the job runs")
     p.add_argument("--startup_kit", default=None, help="admin startup kit folder (--env prod)")
     p.add_argument(
@@ -183,6 +195,33 @@ def runs_here(args: argparse.Namespace) -> bool:
     return args.env != "prod" and not args.export
 
 
+def free_port_base(count: int) -> int:
+    """A base port with `count` free ports after it on this machine, so two jobs here do not collide."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count < 65000 and all(_port_is_free(base + i) for i in range(1, count + 1)):
+            return base
+    raise SystemExit(f"error: found no {count} free ports in a row for the sites' torchrun; pass --master_port")
+
+
+def master_port(args: argparse.Namespace) -> int:
+    """--master_port if given; else a free range here (sim, poc), or the usual 29500 on the sites' machines."""
+    if args.master_port is not None:
+        return args.master_port
+    return free_port_base(args.n_clients) if runs_here(args) else DEFAULT_MASTER_PORT
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def site_path(args: argparse.Namespace, path: str) -> str:
     """Sites start in their app folder, so local paths must be absolute; prod paths belong to the sites."""
     return str(Path(path).resolve()) if runs_here(args) else path
@@ -231,7 +270,7 @@ def prepare_demo(args: argparse.Namespace) -> None:
             raise SystemExit("error: splitting the demo data failed (see above)")
     args.model_name_or_path, args.data_dir, args.image_root = str(model_dir), str(data_dir), str(raw_dir)
     args.learning_rate = "2e-3"  # high enough for the random tiny model to learn visibly within two rounds
-    args.workspace = str(DEMO_DIR / "workspace")
+    args.workspace = args.workspace or str(DEMO_DIR / "workspace")
     args.train_args = f"{DEMO_TRAIN_ARGS} {args.train_args}".strip()
 
 
@@ -257,6 +296,8 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit("error: --env prod needs --startup_kit (the admin's startup kit folder)")
     if args.nproc_per_client < 1 or args.n_clients < 1 or args.num_rounds < 1:
         raise SystemExit("error: --n_clients, --num_rounds and --nproc_per_client must be at least 1")
+    if args.master_port is not None and not 1 <= args.master_port < 65536 - args.n_clients:
+        raise SystemExit(f"error: --master_port {args.master_port} leaves no port for {args.n_clients} site(s)")
     if min(args.eval_every, args.eval_samples, args.eval_max_new_tokens) < 0:
         raise SystemExit("error: --eval_every, --eval_samples and --eval_max_new_tokens must be 0 or more")
     if args.eval_only and (args.eval_every == 0 or args.trainer != "builtin"):
@@ -273,7 +314,35 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit(f"error: --server_eps {args.server_eps:g} must be a positive number")
     if not args.task_request_interval > 0:
         raise SystemExit(f"error: --task_request_interval {args.task_request_interval:g} must be a positive number")
+    if local and not Path(args.image_root).is_dir():
+        raise SystemExit(
+            f"error: --image_root {Path(args.image_root).resolve()} is not a folder (the records' image paths are "
+            "relative to it; `python download_data.py` fetches PubMedVision there)"
+        )
     return sites
+
+
+def keep_resume_source(args: argparse.Namespace) -> None:
+    """The simulator empties <workspace>/qwen3-vl before it starts: a --resume_from inside it (e.g. the last run's
+    FL_global_model.pt) and the FL_server_optimizer.pt beside it are first linked (else copied) out of it, to
+    <workspace>/resume-<time>-*/, and the run resumes from there."""
+    if args.env != "sim" or args.export or not args.resume_from:
+        return
+    from fl_server import OPTIMIZER_FILE
+
+    source, cleared = Path(args.resume_from).resolve(), (Path(args.workspace) / JOB_NAME).resolve()
+    if not source.is_relative_to(cleared):
+        return
+    keep = Path(tempfile.mkdtemp(prefix=f"resume-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cleared.parent))
+    for file in (source, source.with_name(OPTIMIZER_FILE)):
+        if file.is_file():
+            try:
+                os.link(file, keep / file.name)
+            except OSError:
+                shutil.copy2(file, keep / file.name)
+    args.resume_from = str(keep / source.name)
+    print(f"--resume_from {source} lies in {cleared}, which the simulator empties first: resuming from a copy, "
+          f"{args.resume_from}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -411,11 +480,13 @@ def scores(record: dict) -> str:
 
 
 def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None) -> int:
-    """Print per-round site results and where every output is; write the loss plot. Non-zero without a model."""
+    """Print per-round site results and where every output is; write the loss plot. Non-zero without a model, or
+    when no site contributed to any round (nor, with --eval_only, scored the model): the model is the initial one."""
     from fl_server import MEAN
 
     outputs = find_outputs(root)
     outputs["site and server logs"] += site_logs or []
+    contributed = False  # some site trained (weight > 0) or, with --eval_only, scored the model, in some round
     if outputs["per-site metrics"]:
         outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
         records = json.loads(outputs["per-site metrics"][0].read_text())
@@ -426,6 +497,7 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
                 r = got.get(site) or {"weight": 0, "error": "no result"}
                 evaluated_only = not r["weight"] and not r.get("error") and r.get("val_loss") is not None
                 failed |= not (r["weight"] or evaluated_only)
+                contributed |= r["weight"] > 0 or evaluated_only
                 failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
                 status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
                 line = "; ".join(filter(None, ["evaluated" if evaluated_only else status, scores(r)]))
@@ -434,17 +506,26 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
                 best = " (the best: FL_best_model.pt)" if got[MEAN].get("best") else ""
                 print(f"  round {rnd} the model the sites received, weighted mean: {scores(got[MEAN])}{best}")
         if failed:
-            print("  A failed site sends no weights; its log says why (search 'Qwen SFT script failed').")
+            print("  A failed site sends no weights; its log says why (search 'site training failed').")
+    saved = bool(outputs["global model (.pt)"])
+    if not contributed:  # what was written is the model the run started from
+        untrained = "initial model, untrained: no site contributed"
+        outputs = {(untrained + k.removeprefix("global model") if k.startswith("global model") else k): v
+                   for k, v in outputs.items()}  # fmt: skip
     print(f"\nResults under {root}:")
     for what, paths in outputs.items():
         if what.endswith("(--wandb)") and not paths:
             continue
         for p in paths or ["(none found)"]:
             print(f"  {what:32s} {p}")
-    ok = bool(outputs["global model (.pt)"])
-    if not ok:
+    if not saved:
         print("error: no global model was saved; see the server and site logs above", file=sys.stderr)
-    return 0 if ok else 1
+        return 1
+    if not contributed:
+        print("error: no site contributed in any round, so the model was not trained; the sites' logs say why "
+              "(search 'site training failed')", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         args.export = args.export_dir
     # NVFlare consumes --export/--export-dir from sys.argv when nvflare.recipe is imported; they are parsed above.
     warnings.filterwarnings("ignore", message="NVFlare reserves")
+    args.workspace = args.workspace or DEFAULT_WORKSPACE
     sites = check_inputs(args)
+    args.master_port = master_port(args)
+    keep_resume_source(args)
     recipe = build_recipe(args, sites)
     if args.export:
         recipe.export(job_dir=str(Path(args.export).resolve()))

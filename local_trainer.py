@@ -171,7 +171,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse trainer flags (`--help` lists them); bad flags or values exit with status 2."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainConfig, description=__doc__.splitlines()[0])
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False, description=__doc__.splitlines()[0])
     try:
         (config,) = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:

@@ -241,7 +241,9 @@ def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny random Qwen3-VL used by the tests and the demo.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Build the tiny random Qwen3-VL used by the tests and the demo."
+    )
     parser.add_argument("--output_dir", default="demo/tiny-qwen3-vl", help="where to write the Hugging Face directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -450,6 +450,7 @@ def fetch_from_hub(repo_id: str, split_name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=(
             "Split PubMedVision into <output_dir>/site-N/train.json (N = 1..num_clients), each site's held-out "
             "<output_dir>/site-N/val.json and, with --test_size, a held-out <output_dir>/test.json. Files keep the "
@@ -541,6 +542,11 @@ def run(args: argparse.Namespace) -> None:
         image_root = Path(args.image_root) if args.image_root else data_file.parent
         bad = find_bad_images(records, image_root)
         report_bad_images(records, bad)
+        if records and len(bad) == len(records):
+            raise PrepareError(
+                f"every one of the {len(records):,} records has a missing or unreadable image under {image_root}: "
+                "is --image_root right? Nothing was written."
+            )
         if bad and args.drop_bad_images:
             drop = {index for index, _ in bad}
             records = [record for i, record in enumerate(records) if i not in drop]

@@ -105,7 +105,9 @@ def write_dataset(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Write synthetic PubMedVision-style records and images.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Write synthetic PubMedVision-style records and images."
+    )
     parser.add_argument("--output_dir", default="demo/PubMedVision", help="dataset folder (JSON + images/)")
     parser.add_argument("--num_records", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)

@@ -58,7 +58,7 @@ def start_run(aggregator: SampleWeightedFedAvg, initial: dict[str, torch.Tensor]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of each site's bf16 update in GB")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)

@@ -30,7 +30,7 @@ from local_trainer import LocalTrainer, parse_train_args  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--steps", type=int, default=10, help="optimizer steps of the timed round")
     ap.add_argument("--round_steps", type=int, default=100, help="steps of the round the evaluation is compared with")

@@ -99,7 +99,7 @@ def time_batch_size(model, processor, prompts, batch_size: int, new_tokens: int,
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--tiny", action="store_true", help="tiny model, 64x64 images, few tokens: a CPU smoke test")
     parser.add_argument("--batch_sizes", default="1,4,8,16", help="comma-separated")

@@ -345,7 +345,7 @@ def plot(rows: list[dict], runs: list[tuple[str, str]], path: Path, args: argpar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        allow_abbrev=False, description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each run")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per site per round")

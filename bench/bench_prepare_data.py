@@ -94,6 +94,7 @@ def run_prepare(data_file: Path, output_dir: Path, extra: list[str]) -> tuple[fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Time prepare_data.py on a full-scale generated input (arguments after -- go to it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -52,7 +52,7 @@ def counting_rate(work: Callable[[], object] | None, repeat: int) -> tuple[float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=24, help="item size in MiB")
     ap.add_argument("--repeat", type=int, default=40)
     args = ap.parse_args()

@@ -183,7 +183,9 @@ def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model and images: a CPU smoke test")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     ap.add_argument(

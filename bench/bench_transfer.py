@@ -236,7 +236,7 @@ def qwen3vl_2b_shapes() -> list[tuple[int, ...]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=4.26, help="state dict size in GB (4.26: the 2B model)")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)

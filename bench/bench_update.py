@@ -79,7 +79,7 @@ def sizes(update: torch.Tensor, new_global: torch.Tensor, old_global: torch.Tens
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of the round")
     ap.add_argument("--batch", type=int, default=8, help="per-device batch size")

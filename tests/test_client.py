@@ -103,3 +103,25 @@ def test_the_builtin_trainer_gets_the_run_s_length_and_what_to_evaluate(tmp_path
         calls("builtin", val, 0) == calls("builtin", None, 1) == [{"round_num": r, "total_rounds": 4} for r in range(4)]
     )
     assert calls("qwen", val, 1) == [{"round_num": r} for r in range(4)]
+
+
+def test_a_failed_round_is_reported_as_site_training_failed_with_the_trainer_kind(capsys):
+    """A trainer that raises: the site reports `site training failed` naming the trainer kind, with a hint, and
+    drops the trainer (a fresh one next round)."""
+    from types import SimpleNamespace
+
+    import client
+
+    class Broken:
+        def validation_file(self):
+            return None
+
+        def train_round(self, *args, **kwargs):
+            raise FileNotFoundError("data/site-1/train.json")
+
+    args = SimpleNamespace(trainer="builtin", eval_every=0, eval_samples=0, eval_max_new_tokens=0, eval_only=False)
+    trainer, result, error = client.train_round(Broken(), None, 0, 1, "test:", args, ["--dataset_use", "data/site-1"])
+    assert trainer is None and result is None and error.startswith("rank 0: FileNotFoundError")
+    out = capsys.readouterr()
+    assert "site training failed (--trainer builtin): rank 0: FileNotFoundError: data/site-1/train.json" in out.err
+    assert "test: sent weight 0 (after error) check data/site-1/train.json and --image_root" in out.out

@@ -207,7 +207,7 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
 
     # site-3 logged the failure each round (it retried) and sent weight 0; the job still finished.
     log3 = (ws / "site-3" / "log.txt").read_text()
-    assert log3.count("Qwen SFT script failed: rank 0: JSONDecodeError") == 2
+    assert log3.count("site training failed (--trainer builtin): rank 0: JSONDecodeError") == 2
     assert log3.count("sent weight 0 (after error) check ") == 2
     assert "site-3/train.json" in log3
 
@@ -316,7 +316,9 @@ def test_a_small_learning_rate_moves_the_global_model_in_proportion(
 
 
 @pytest.mark.slow
-def test_when_every_site_fails_the_global_model_stays(tmp_path, tiny_model_dir, synthetic_pubmedvision):
+def test_when_every_site_fails_the_global_model_stays_and_the_job_fails(
+    tmp_path, tiny_model_dir, synthetic_pubmedvision
+):
     (tmp_path / "data" / "site-1").mkdir(parents=True)
     (tmp_path / "data" / "site-1" / "train.json").write_text("[]")
     proc = run_job(
@@ -325,7 +327,9 @@ def test_when_every_site_fails_the_global_model_stays(tmp_path, tiny_model_dir, 
         "--workspace", str(tmp_path / "ws"), "--master_port", str(free_port_base(1)),
         f"--train_args={demo_train_args()}",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "no site contributed in any round" in proc.stderr
+    assert re.search(r"initial model, untrained: no site contributed \(\.pt\)\s+\S+FL_global_model.pt", proc.stdout)
     from model import Qwen3VLModel
 
     initial, final = Qwen3VLModel(str(tiny_model_dir)).state_dict(), global_weights(tmp_path / "ws" / JOB_NAME)
@@ -362,7 +366,9 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
     proc = run_job("--n_clients", "4", "--data_dir", str(site_data))
     assert proc.returncode != 0
     assert "site-4" in proc.stderr and "prepare_data.py" in proc.stderr and "site-1" not in proc.stderr
-    proc = run_job("--n_clients", "3", "--gpu", "[0],[1]", "--data_dir", str(site_data))
+    proc = run_job("--n_clients", "2", "--data_dir", str(site_data), "--image_root", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0 and f"--image_root {tmp_path / 'nowhere'} is not a folder" in proc.stderr
+    proc = run_job("--n_clients", "3", "--gpu", "[0],[1]", "--data_dir", str(site_data), "--image_root", str(tmp_path))
     assert proc.returncode != 0 and "--gpu" in proc.stderr
     proc = run_job("--n_clients", "2", "--part_mb", "-1", "--data_dir", str(site_data))
     assert proc.returncode != 0 and "--part_mb -1 is negative" in proc.stderr
@@ -437,7 +443,17 @@ def test_bad_server_optimizer_flags_are_refused_at_parse_time(flags, message, si
 
     with pytest.raises(SystemExit) as exited:
         args = define_parser().parse_args(
-            ["--n_clients", "2", "--num_rounds", "1", "--data_dir", str(site_data), *flags]
+            [
+                "--n_clients",
+                "2",
+                "--num_rounds",
+                "1",
+                "--eval_max_new_tokens",
+                "16",
+                "--data_dir",
+                str(site_data),
+                *flags,
+            ]
         )
         check_inputs(args)
     assert message in f"{exited.value.code} {capsys.readouterr().err}"
@@ -529,3 +545,82 @@ def test_sites_score_the_global_model_they_receive_and_eval_only_scores_a_model(
         for key in ("val_loss", "val_exact_match", "val_token_f1"):
             assert r[key] == pytest.approx(round0[r["site"]][key], rel=1e-5), (r["site"], key)
     assert "evaluated; val loss" in scored.stdout
+
+
+@pytest.mark.parametrize("flag", ["--num_round", "--n_client", "--resume", "--work"])
+def test_a_mistyped_or_shortened_flag_is_refused(flag, capsys):
+    """A prefix of a flag is not taken for the flag: `--num_round 3` would otherwise silently mean --num_rounds."""
+    from job import define_parser
+
+    with pytest.raises(SystemExit) as exited:
+        define_parser().parse_args([flag, "3"])
+    assert exited.value.code == 2 and f"unrecognized arguments: {flag} 3" in capsys.readouterr().err
+
+
+def test_torchrun_ports_are_free_ones_here_unless_given(monkeypatch):
+    """Two jobs on one machine must not share site-i's torchrun port: without --master_port, sim and poc pick a
+    range free here; prod and --export keep 29500 (the sites' machines' ports are not this one's to test)."""
+    from job import define_parser, master_port
+
+    def port(*argv: str) -> int:
+        return master_port(define_parser().parse_args(["--n_clients", "3", *argv]))
+
+    assert port("--master_port", "31000") == port("--master_port", "31000", "--env", "prod") == 31000
+    assert port("--env", "prod") == port("--export", "x") == 29500
+    for env in ("sim", "poc"):
+        base = port("--env", env)
+        for i in range(1, 4):  # each site's port can be listened on now
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + i))
+    with socket.socket() as held:  # a port in use is never handed out
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(socket.socket, "getsockname", lambda self: ("127.0.0.1", taken - 1))
+        with pytest.raises(SystemExit, match="no 3 free ports"):
+            port()
+
+
+def test_a_job_where_no_site_contributed_exits_non_zero_but_an_evaluation_does_not(tmp_path, capsys):
+    """report() reads site_metrics.json: without a round with weight > 0 the model written is the initial one, so
+    it is labelled so and the exit is 1; an --eval_only run (weight 0 by design, every site scored) exits 0."""
+    from job import report
+
+    (tmp_path / "FL_global_model.pt").write_bytes(b"")
+    failed = {"round": 0, "weight": 0.0, "error": "rank 0: ValueError: no records"}
+    cases = {
+        "failed": ([{"site": s, **failed} for s in ("site-1", "site-2")], 1),
+        "evaluated": ([{"round": 0, "site": s, "weight": 0.0, "val_loss": 2.0} for s in ("site-1", "site-2")], 0),
+        "one trained": ([{"site": "site-1", **failed}, {"round": 0, "site": "site-2", "weight": 8.0, "loss": 1.5}], 0),
+    }  # fmt: skip
+    for name, (records, code) in cases.items():
+        (tmp_path / "site_metrics.json").write_text(json.dumps(records))
+        assert report(tmp_path, ["site-1", "site-2"], 1) == code, name
+        out = capsys.readouterr()
+        untrained = "initial model, untrained: no site contributed (.pt)"
+        assert (untrained in out.out) == (code == 1) and ("global model (.pt)" in out.out) == (code == 0), name
+        assert ("no site contributed in any round" in out.err) == (code == 1), name
+
+
+@pytest.mark.slow
+def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
+    """`--demo --workspace DIR` writes there; `--resume_from` the run's FL_global_model.pt with the same workspace
+    (which the simulator empties) resumes from a copy kept beside it: the new run starts from exactly the file's
+    weights. Neither run names --master_port: each takes free ports."""
+    ws = tmp_path / "ws"
+    demo = ("--demo", "--n_clients", "2", "--num_rounds", "1", "--workspace", str(ws), "--train_args=--save_sent")
+    first = run_job(*demo)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = server_app(ws / JOB_NAME) / "FL_global_model.pt"
+    before = global_weights(ws / JOB_NAME)
+    resumed = run_job(*demo, "--resume_from", str(saved))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--resume_from {saved} lies in {ws / JOB_NAME}, which the simulator empties first" in resumed.stdout
+    (kept,) = ws.glob("resume-*/FL_global_model.pt")
+    assert all(torch.equal(v, torch.load(kept, weights_only=True)["model"][k]) for k, v in before.items())
+    # The resumed run's global model is the file's weights plus the round's sample-weighted average update.
+    sites = ("site-1", "site-2")
+    sent, weights = sent_updates(ws / JOB_NAME, sites, (0,))
+    expected = expected_global(before, sent, weights, (0,))
+    for key, value in global_weights(ws / JOB_NAME).items():
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)

@@ -342,6 +342,24 @@ def test_drop_bad_images_removes_them_before_splitting(dataset_with_bad_images, 
     assert len(kept) == 27 and not {"syn-0000003", "syn-0000011"} & set(kept)  # 28 good // 3 sites = 9 each
 
 
+@pytest.mark.parametrize("drop", [[], ["--drop_bad_images"]])
+def test_check_images_with_every_image_missing_writes_nothing_and_fails(drop, tmp_path):
+    """A wrong --image_root: every record is bad, so no shard (empty or unchecked) is written, earlier ones stay."""
+    json_path = write_dataset(tmp_path / "ds", num_records=12, seed=1)
+    out = tmp_path / "data"
+    (out / "site-1").mkdir(parents=True)
+    (out / "site-1" / "train.json").write_text("[]")  # an earlier run's shard
+    result = run_prepare(
+        "--data_file", str(json_path), "--output_dir", str(out), "--check_images", *drop,
+        "--image_root", str(tmp_path / "elsewhere"),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "every one of the 12 records has a missing or unreadable image" in result.stderr
+    assert "--image_root" in result.stderr
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == ["site-1/train.json"]
+    assert (out / "site-1" / "train.json").read_text() == "[]"
+
+
 # ---------------------------------------------------------------- Hub path
 
 
@@ -464,6 +482,13 @@ def test_bad_input_fails_clearly_and_keeps_earlier_outputs(case, source, tmp_pat
 def test_bad_arguments_are_usage_errors(args, message, source, tmp_path):
     result = run_prepare("--data_file", str(source), "--output_dir", str(tmp_path / "o"), *args)
     assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--num_client", "--test", "--check_image"])
+def test_a_mistyped_or_shortened_flag_is_refused(flag, source, tmp_path):
+    result = run_prepare("--data_file", str(source), "--output_dir", str(tmp_path / "o"), flag, "2")
+    assert result.returncode == 2 and f"unrecognized arguments: {flag}" in result.stderr
     assert not (tmp_path / "o").exists()
 
 
