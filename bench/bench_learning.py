@@ -70,6 +70,7 @@ from learning_common import (  # noqa: E402
     Evaluator,
     ServerOptimizer,
     bf16,
+    body,
     dot,
     fp32_params,
     norm,
@@ -88,11 +89,12 @@ from model import build_tiny_model, untied_state_dict  # noqa: E402
 
 METHODS = ("centralized", "fedavg", "fedavgm", "fedadam", "fedprox", "fedavg_keepopt", "fedavg_slr")
 KNOWN = (*METHODS, "fedavg_before")
-# Per start: the sites' constant lr, rounds, steps per site and round, and the tuned methods' parameters (the
-# pilot's picks, BENCHMARKS.md). fedadam's server lr is about a site's per-weight move in a round (lr x steps / 10).
+# Per start: the sites' constant lr, rounds, steps per site and round, and the tuned methods' parameters, picked by a
+# pilot (4-5 rounds, Dirichlet; BENCHMARKS.md): fedadam's server lr about half a centralized round's largest per-weight
+# move (lr x sites x steps), eps well below a round's typical move; FedProx's mu the grid's (0.01, 0.1, 1) best.
 REGIMES = {
-    "scratch": dict(lr=2e-3, rounds=8, steps=10, fedadam_lr=1e-3, fedadam_eps=1e-4, fedprox_mu=0.1),
-    "trained": dict(lr=3e-5, rounds=10, steps=8, fedadam_lr=3e-5, fedadam_eps=1e-6, fedprox_mu=0.1),
+    "scratch": dict(lr=2e-3, rounds=8, steps=10, fedadam_lr=3e-2, fedadam_eps=1e-4, fedprox_mu=0.01),
+    "trained": dict(lr=3e-5, rounds=10, steps=8, fedadam_lr=3e-4, fedadam_eps=1e-6, fedprox_mu=0.01),
 }
 QUICK = dict(rounds=2, steps=2, eval_samples=8, num_train=48, batch_size=2, max_new_tokens=12, start_steps=6)
 QUICK_LR = {"scratch": 2e-3, "trained": 5e-6}
@@ -153,13 +155,16 @@ def federated_round(ctx, datasets, global32, method: str, optimizer, site_config
         else:
             server_step(optimizer, global32, average)
         moved = {k: global32[k].float() - old[k] for k in average}
-        step, true_norm = norm(moved), norm(true)
+        step, step_body, true_norm = norm(moved), norm(body(moved)), norm(true)
         error = norm({k: moved[k] - true[k] for k in true})
     stats = {
         **update_diagnostics(updates, weights, average),
         "step_norm": step,
-        "avg_vs_central": norm(average) / central if central else None,
-        "step_vs_central": step / central if central else None,
+        "avg_vs_central": norm(average) / central[0] if central else None,
+        "step_vs_central": step / central[0] if central else None,
+        "step_norm_body": step_body,
+        "avg_vs_central_body": norm(body(average)) / central[1] if central else None,
+        "step_vs_central_body": step_body / central[1] if central else None,
         "kept": dot(moved, true) / true_norm**2 if true_norm else 0.0,
         "rel_err": error / true_norm if true_norm else 0.0,
         "true_change_norm": true_norm,
@@ -190,11 +195,12 @@ def run_start(ctx, start: str, state0: dict, settings: dict, methods: list[str],
                         fedprox_mu=0.0,
                     )  # fmt: skip
                     new = {k: v.detach().clone() for k, v in untied_state_dict(trainer.model).items()}
-                    change = norm({k: new[k] - state[k] for k in result.update})
-                    central_change.append(change)
+                    moved = {k: new[k] - state[k] for k in result.update}
+                    change, change_body = norm(moved), norm(body(moved))
+                    central_change.append((change, change_body))
                     state = new
                     emit(start, spec, split, r + 1, evaluate(state), train_loss=result.metrics["loss"],
-                         step_norm=change)  # fmt: skip
+                         step_norm=change, step_norm_body=change_body)  # fmt: skip
             else:
                 optimizer = ServerOptimizer(**server)
                 state = dict(state0) if base == "fedavg_before" else {k: v.float() for k, v in state0.items()}

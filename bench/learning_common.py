@@ -114,23 +114,39 @@ def dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(float((a[k].double() * b[k].double()).sum()) for k in a)
 
 
+def is_embedding(key: str) -> bool:
+    """The token embedding (tied to lm_head): most of the tiny model's trained weights (151,936 rows), nearly all of
+    them rows of tokens the task never uses, whose tiny softmax gradients AdamW turns into full-size steps."""
+    return "embed_tokens" in key or key == "lm_head.weight"
+
+
+def body(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained weights other than the token embedding."""
+    return {k: v for k, v in tensors.items() if not is_embedding(k)}
+
+
 def update_diagnostics(updates: list[dict], weights: list[float], average: dict) -> dict[str, float]:
     """Why the average moves less: the sites' updates' mean pairwise cosine, their norms, and the average's norm
-    against their (weighted) mean norm, the shrink of averaging (1: all alike; 1/sqrt(sites): orthogonal)."""
-    norms = [norm(u) for u in updates]
-    cosines = [
-        dot(updates[i], updates[j]) / (norms[i] * norms[j] or 1.0)
-        for i in range(len(updates))
-        for j in range(i + 1, len(updates))
-    ]
-    mean_site = sum(w * n for w, n in zip(weights, norms, strict=True)) / sum(weights)
-    average_norm = norm(average)
-    return {
-        "cos_sites": sum(cosines) / len(cosines) if cosines else 1.0,
-        "site_update_norm": mean_site,
-        "avg_update_norm": average_norm,
-        "shrink": average_norm / mean_site if mean_site else 0.0,
-    }
+    against their (weighted) mean norm, the shrink of averaging (1: all alike; 1/sqrt(sites): orthogonal); over all
+    trained weights and (`_body`) over all but the token embedding."""
+    out = {}
+    for suffix, pick in (("", dict), ("_body", body)):
+        mine = [pick(u) for u in updates]
+        norms = [norm(u) for u in mine]
+        cosines = [
+            dot(mine[i], mine[j]) / (norms[i] * norms[j] or 1.0)
+            for i in range(len(mine))
+            for j in range(i + 1, len(mine))
+        ]
+        mean_site = sum(w * n for w, n in zip(weights, norms, strict=True)) / sum(weights)
+        average_norm = norm(pick(average))
+        out |= {
+            f"cos_sites{suffix}": sum(cosines) / len(cosines) if cosines else 1.0,
+            f"site_update_norm{suffix}": mean_site,
+            f"avg_update_norm{suffix}": average_norm,
+            f"shrink{suffix}": average_norm / mean_site if mean_site else 0.0,
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -154,6 +170,9 @@ def summarize(rows: list[dict], runs: list[tuple[str, str, str]], rounds: dict[s
                 "mean_shrink": _mean(rows, start, method, split, "shrink"),
                 "mean_cos_sites": _mean(rows, start, method, split, "cos_sites"),
                 "mean_step_vs_central": _mean(rows, start, method, split, "step_vs_central"),
+                "mean_shrink_body": _mean(rows, start, method, split, "shrink_body"),
+                "mean_cos_sites_body": _mean(rows, start, method, split, "cos_sites_body"),
+                "mean_step_vs_central_body": _mean(rows, start, method, split, "step_vs_central_body"),
             }
         )
     return out
@@ -169,12 +188,20 @@ def print_summary(summary: list[dict], starts: dict[str, dict], rounds: dict[str
         em, loss = 100 * evaluation["exact_match"], evaluation["loss"]
         print(f"\n{start} start, after {rounds[start]} rounds (round 0: exact match {em:.1f}%, loss {loss:.4f})")
         print(f"{'run':<28}{'exact_match':>12}{'loss':>9}{'EM gap':>8}{'loss gap':>10}{'shrink':>8}{'cos':>7}"
-              f"{'step/central':>13}")  # fmt: skip
+              f"{'step/central':>13}{'| body:':>8}{'shrink':>8}{'cos':>7}{'step/central':>13}")  # fmt: skip
         for s in (s for s in summary if s["start"] == start):
             name, em, gap = f"{s['method']}/{s['split']}", f"{100 * s['exact_match']:.1f}%", f"{s['gap_points']:+.1f}"
             extra = "".join(
                 f"{v:>{w}.2f}" if v is not None else f"{'':>{w}}"
-                for v, w in ((s["mean_shrink"], 8), (s["mean_cos_sites"], 7), (s["mean_step_vs_central"], 13))
+                for v, w in (
+                    (s["mean_shrink"], 8),
+                    (s["mean_cos_sites"], 7),
+                    (s["mean_step_vs_central"], 13),
+                    (None, 8),
+                    (s["mean_shrink_body"], 8),
+                    (s["mean_cos_sites_body"], 7),
+                    (s["mean_step_vs_central_body"], 13),
+                )  # fmt: skip
             )
             print(f"{name:<28}{em:>12}{s['loss']:>9.4f}{gap:>8}{s['loss_gap']:>+10.4f}{extra}")
 
