@@ -111,7 +111,7 @@ def method_spec(spec: str, regime: dict, sites: int) -> tuple[str, dict, dict]:
         server = {"name": "fedavgm", "lr": given.get("lr", 1.0), "momentum": given.get("momentum", 0.9)}
     elif base == "fedadam":
         lr, eps = given.get("lr", regime["fedadam_lr"]), given.get("eps", regime["fedadam_eps"])
-        server = {"name": "fedadam", "lr": lr, "eps": eps, "betas": (given.get("b1", 0.9), given.get("b2", 0.99))}
+        server = {"name": "fedadam", "lr": lr, "eps": eps, "betas": [given.get("b1", 0.9), given.get("b2", 0.99)]}
     elif base == "fedavg_slr":
         server = {"name": "fedavg", "lr": given.get("lr", float(sites))}
     elif base == "fedprox":
