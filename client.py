@@ -243,6 +243,13 @@ def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
     )
 
 
+def run_rounds(global_model: FLModel) -> int | None:
+    """The number of the round after the run's last: `start_round` + `total_rounds` (None if unknown)."""
+    if global_model.total_rounds is None:
+        return None
+    return (global_model.start_round or 0) + global_model.total_rounds
+
+
 def _exit_on_sigterm(*_) -> None:
     print(f"rank {RANK}: SIGTERM, exiting", flush=True)
     os._exit(0)
@@ -272,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     while True:
         global_model = flare.receive() if RANK == 0 else None  # the global model (bf16); None: the job is over
-        rounds = None if global_model is None else (global_model.current_round, global_model.total_rounds)
+        # The run's rounds: a resumed job starts at the round after its checkpoint's (start_round) and runs
+        # total_rounds more, so its schedule, data order and last round continue the first run's.
+        rounds = None if global_model is None else (global_model.current_round, run_rounds(global_model))
         round_num, total_rounds = broadcast(rounds) or (None, None)
         if round_num is None:
             break

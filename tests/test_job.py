@@ -269,8 +269,9 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     assert "adhoc" not in server_log
     # The run went on from the saved fp32 global model exactly: its bf16 rounding would be off by far more than this.
     resumed, before = global_weights(ws), global_weights(first)
-    sent, weights = sent_updates(ws, SITE_SIZES, (0,))
-    expected = expected_global(before, sent, weights, (0,))
+    # The first run's rounds were 0 and 1: this one's is round 2.
+    sent, weights = sent_updates(ws, SITE_SIZES, (2,))
+    expected = expected_global(before, sent, weights, (2,))
     assert resumed.keys() == before.keys()
     for key, value in resumed.items():
         torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
@@ -278,11 +279,11 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     # NVFlare logs the bytes of every download: the sites' updates (server's log) and the global model (site's):
     # no fewer bytes than the bf16 tensors.
     global_raw = sum(v.numel() * 2 for v in before.values())
-    update_raw = sum(v.numel() * 2 for v in sent[(0, "site-1")].values())
+    update_raw = sum(v.numel() * 2 for v in sent[(2, "site-1")].values())
     assert len(downloaded_bytes(log)) == 1 and downloaded_bytes(log)[0] >= global_raw
     results = downloaded_bytes(server_log)
     assert len(results) == 2 and all(n >= update_raw for n in results), (results, update_raw)
-    assert "site=site-1 round=0: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
+    assert "site=site-1 round=2: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
     assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(ws) / "site_metrics.json").read_text())
     assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
@@ -618,9 +619,14 @@ def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
     assert f"--resume_from {saved} lies in {ws / JOB_NAME}, which the simulator empties first" in resumed.stdout
     (kept,) = ws.glob("resume-*/FL_global_model.pt")
     assert all(torch.equal(v, torch.load(kept, weights_only=True)["model"][k]) for k, v in before.items())
+    # The rounds continue: the first run's was round 0, so the resumed run's is round 1 (its data order, schedule
+    # position and last round follow from that number).
+    assert "Resuming after round 0: rounds 1 to 1" in resumed.stdout
+    history = json.loads((server_app(ws / JOB_NAME) / "site_metrics.json").read_text())
+    assert {r["round"] for r in history} == {1} and "round 1 site-1: loss" in resumed.stdout
     # The resumed run's global model is the file's weights plus the round's sample-weighted average update.
     sites = ("site-1", "site-2")
-    sent, weights = sent_updates(ws / JOB_NAME, sites, (0,))
-    expected = expected_global(before, sent, weights, (0,))
+    sent, weights = sent_updates(ws / JOB_NAME, sites, (1,))
+    expected = expected_global(before, sent, weights, (1,))
     for key, value in global_weights(ws / JOB_NAME).items():
         torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
