@@ -139,9 +139,11 @@ def add_image_placeholders(record: dict) -> dict:
 # ---------------------------------------------------------------- image checks
 
 
-def _image_problem(path: Path) -> str | None:
+def _image_problem(path: Path | str, image_root: Path) -> str | None:
     from PIL import Image
 
+    if isinstance(path, str):  # as written in the record: it was refused
+        return f"is not a path inside --image_root {image_root} (refused)"
     if not path.is_file():
         return "missing"
     try:
@@ -154,10 +156,18 @@ def _image_problem(path: Path) -> str | None:
 
 def find_bad_images(records: list, image_root: Path, workers: int = 8) -> list[tuple[int, str]]:
     """(record index, reason) for each record with a missing or unreadable image (PIL open + verify)."""
-    jobs = [(i, image_root / p) for i, record in enumerate(records) for p in record_images(record)]
+    from local_trainer import resolve_image  # the trainer's rule: relative paths that stay inside the root
+
+    jobs = []
+    for i, record in enumerate(records):
+        for p in record_images(record):
+            try:
+                jobs.append((i, resolve_image(image_root, p, record.get("id"))))
+            except ValueError:  # absolute, or leaving the root: refused, never opened
+                jobs.append((i, p))
     bad: dict[int, str] = {}
     with ThreadPoolExecutor(workers) as pool:  # file I/O bound: threads overlap the disk waits
-        results = pool.map(lambda job: _image_problem(job[1]), jobs, chunksize=64)
+        results = pool.map(lambda job: _image_problem(job[1], image_root), jobs, chunksize=64)
         for (index, path), problem in tqdm(zip(jobs, results, strict=True), total=len(jobs), desc="Checking images"):
             if problem and index not in bad:
                 bad[index] = f"{path} {problem}"

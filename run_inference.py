@@ -112,7 +112,12 @@ def record_to_sample(record: dict, index: int, image_root: str | os.PathLike) ->
         raise UserError(f"record {record_id} (index {index}) has no human turn")
     image_paths = []
     for image in images:
-        path = Path(image) if os.path.isabs(image) else Path(image_root) / image
+        from local_trainer import resolve_image  # the trainer's rule: relative paths that stay inside the root
+
+        try:
+            path = resolve_image(Path(image_root), image, record_id)
+        except ValueError as err:
+            raise UserError(str(err)) from None
         if not path.is_file():
             raise UserError(f"record {record_id}: image not found: {path} (is --image_root right?)")
         image_paths.append(path.resolve())

@@ -533,3 +533,19 @@ def test_rerun_without_test_size_removes_the_stale_test_file(source, earlier_out
     result = run_prepare("--data_file", str(source), "--output_dir", str(out), "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert not (out / "test.json").exists() and "Removed" in result.stdout
+
+
+def test_check_images_refuses_paths_outside_the_image_root(tmp_path):
+    """An image path that climbs out of --image_root (or is absolute) is reported as refused and never opened, even
+    when a file is there."""
+    from PIL import Image
+
+    from prepare_data import find_bad_images
+
+    (tmp_path / "root" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "root" / "images" / "ok.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.jpg")
+    records = [{"id": n, "image": [p]} for n, p in
+               [("ok", "images/ok.jpg"), ("up", "../outside.jpg"), ("abs", str(tmp_path / "outside.jpg"))]]  # fmt: skip
+    bad = dict(find_bad_images(records, tmp_path / "root", workers=2))
+    assert sorted(bad) == [1, 2] and all("refused" in reason for reason in bad.values())

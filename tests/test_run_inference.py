@@ -343,3 +343,14 @@ def test_cli_compares_hub_base_model_with_global_checkpoint(
         assert b["token_f1"] == ri.token_f1(b["answer"], row["ground_truth"])
         assert b["rouge_l"] == ri.rouge_l(b["answer"], row["ground_truth"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_image_paths_outside_the_image_root_are_refused(tmp_path):
+    """An absolute image path, or one that climbs out of --image_root, is refused naming the record (the trainer's
+    rule), even when the file exists."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"")
+    for image in (str(tmp_path / "secret.jpg"), "../secret.jpg"):
+        record = {"id": "escape", "image": [image], "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+        with pytest.raises(ri.UserError, match=r"record 'escape'.*(must be relative|escapes --image_root)"):
+            ri.record_to_sample(record, 0, str(tmp_path / "root"))
