@@ -355,7 +355,11 @@ def resumed_round(checkpoint: str | None) -> int:
         return 0
     import torch
 
-    meta = torch.load(checkpoint, weights_only=True, mmap=True, map_location="cpu").get("meta_props") or {}
+    try:
+        data = torch.load(checkpoint, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as err:  # torch raises several types for bad or unsafe files; all mean "not loadable"
+        raise SystemExit(f"error: --resume_from {checkpoint} is not a weights-only torch checkpoint: {err}") from None
+    meta = (data.get("meta_props") if isinstance(data, dict) else None) or {}
     last = meta.get("current_round")
     return last + 1 if isinstance(last, int) and last >= 0 else 0
 

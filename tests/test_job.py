@@ -630,3 +630,26 @@ def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
     expected = expected_global(before, sent, weights, (1,))
     for key, value in global_weights(ws / JOB_NAME).items():
         torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
+
+
+class _Payload:  # what a malicious checkpoint would run when unpickled
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_a_checkpoint_that_runs_code_when_loaded_is_refused(tmp_path):
+    """`.pt` files are loaded weights-only: a pickled payload in a `--resume_from` or a compared checkpoint is refused
+    with a message naming the file, and never runs."""
+    import job
+    import run_inference
+
+    marker, bad = tmp_path / "ran", tmp_path / "FL_global_model.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "meta_props": _Payload(str(marker))}, bad)
+    with pytest.raises(SystemExit, match=f"--resume_from {bad} is not a weights-only torch checkpoint"):
+        job.resumed_round(str(bad))
+    with pytest.raises(run_inference.UserError, match=f"cannot load {bad} as a weights-only torch checkpoint"):
+        run_inference.read_checkpoint(bad)
+    assert not marker.exists()
