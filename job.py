@@ -312,6 +312,11 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit(f"error: --server_betas {' '.join(f'{b:g}' for b in args.server_betas)} must be in [0, 1)")
     if not (math.isfinite(args.server_eps) and args.server_eps > 0):
         raise SystemExit(f"error: --server_eps {args.server_eps:g} must be a positive number")
+    if local:  # the server loads the model here: say at once if it cannot, not after a minute of Hub retries
+        from model import hub_problem
+
+        if problem := hub_problem(args.model_name_or_path):
+            raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r} ({problem})")
     if not args.task_request_interval > 0:
         raise SystemExit(f"error: --task_request_interval {args.task_request_interval:g} must be a positive number")
     if local and not Path(args.image_root).is_dir():

@@ -96,6 +96,27 @@ def untied_state_dict(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def hub_problem(model_name_or_path: str, timeout: float = 5.0) -> str | None:
+    """Why `model_name_or_path` cannot be loaded, said at once (Hugging Face's own retries take a minute), or None:
+    a local folder, a model in the local cache, or a Hub that answers are fine."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(model_name_or_path).exists() or isinstance(try_to_load_from_cache(model_name_or_path, "config.json"), str):
+        return None
+    fix = "pass a local folder, or download it where the Hub is reachable (it is then cached)"
+    if constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; {fix}"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        return f"it is not cached and the Hub ({constants.ENDPOINT}) is unreachable: {err}; {fix}"
+    return None
+
+
 def load_hf_model(model_name_or_path: str, dtype: torch.dtype = torch.bfloat16, **kwargs):
     """Load `Qwen3VLForConditionalGeneration` from a Hub ID or a local directory."""
     from transformers import Qwen3VLForConditionalGeneration

@@ -171,6 +171,10 @@ def model_kind(model_path: str) -> str:
 
 def _from_hub(loader, name_or_path: str, what: str):
     """Call a `from_pretrained`-style loader and turn a failed Hub look-up into a `UserError`."""
+    from model import hub_problem
+
+    if problem := hub_problem(name_or_path):  # at once, not after a minute of retries
+        raise UserError(f"could not load the {what} {name_or_path!r} ({problem})")
     try:
         return loader(name_or_path)
     except OSError as err:

@@ -653,3 +653,26 @@ def test_a_checkpoint_that_runs_code_when_loaded_is_refused(tmp_path):
     with pytest.raises(run_inference.UserError, match=f"cannot load {bad} as a weights-only torch checkpoint"):
         run_inference.read_checkpoint(bad)
     assert not marker.exists()
+
+
+def test_a_model_the_hub_cannot_give_is_said_at_once(site_data, synthetic_pubmedvision, tmp_path):
+    """A Hub ID that is not cached, with the Hub unreachable (here: an endpoint nobody listens on) or HF_HUB_OFFLINE
+    set, stops job.py and run_inference.py with one line saying so, before any Hugging Face retries."""
+    model = "nobody/not-a-cached-model"
+    for extra in ({"HF_ENDPOINT": f"http://127.0.0.1:{free_port_base(0)}", "HF_HUB_OFFLINE": "0"},
+                  {"HF_HUB_OFFLINE": "1"}):  # fmt: skip
+        env = {**os.environ, **extra}
+        job = subprocess.run(
+            [sys.executable, str(ROOT / "job.py"), "--data_dir", str(site_data), "--image_root",
+             str(synthetic_pubmedvision), "--model_name_or_path", model, "--workspace", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        )  # fmt: skip
+        expected = "is unreachable" if extra.get("HF_HUB_OFFLINE") == "0" else "HF_HUB_OFFLINE is set"
+        assert job.returncode == 1 and f"error: --model_name_or_path '{model}' (" in job.stderr, job.stderr
+        assert expected in job.stderr and "Traceback" not in job.stderr
+        inference = subprocess.run(
+            [sys.executable, str(ROOT / "run_inference.py"), "--model_path", model, "--data_file",
+             str(site_data / "site-1" / "train.json"), "--image_root", str(synthetic_pubmedvision)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert inference.returncode != 0 and expected in inference.stderr and "Traceback" not in inference.stderr
