@@ -20,7 +20,8 @@ Data rules (see `SFTDataset`):
   `<|im_end|>`. A sample with no labelled token is skipped (`skipped_samples`, and `skipped_no_labels`).
 - `<image>` placeholders in human turns mark where images go (one per image; a "\\n" right after one is dropped so
   both formats give the same tokens); records without placeholders get all images at the start of the first turn.
-- Image paths must be relative and stay inside `--image_root`; anything else raises an error naming the record.
+- Image paths must be relative and stay inside `--image_root`; a record with any other path, or whose `<image>`
+  placeholders do not match its images, is left out (never opened), named in a warning and counted as skipped.
 - Records whose image files are missing are dropped at load; samples whose images cannot be decoded are skipped in
   training (a warning names the record id; the next record takes its place). Both count as `skipped_samples`.
 - A sample longer than `--model_max_length` is cut at the tail when every image token and at least one label token
@@ -313,20 +314,27 @@ class SFTDataset(Dataset):
         self.newline_ids = newline_token_ids(tokenizer)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.vision_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
-        self.records, self.image_paths, missing = [], [], []
+        self.records, self.image_paths, missing, unusable = [], [], [], []
         for record in records:
-            paths = [resolve_image(self.image_root, p, record.get("id")) for p in record_images(record)]
-            build_messages(record, len(paths))  # placeholder count errors surface at load, not mid-round
+            try:  # a path outside the image root, or <image> placeholders that do not match: this record is left out
+                paths = [resolve_image(self.image_root, p, record.get("id")) for p in record_images(record)]
+                build_messages(record, len(paths))
+            except ValueError as err:
+                unusable.append(str(err))
+                continue
             if all(p.is_file() for p in paths):
                 self.records.append(record)
                 self.image_paths.append(paths)
             else:
                 missing.append(record.get("id"))
-        self.num_missing = len(missing)
+        self.num_missing = len(missing) + len(unusable)  # counted with the round's skipped samples
         if missing:
             logger.warning("dropped %d records with missing image files (ids %s)", len(missing), _preview(missing))
+        if unusable:
+            logger.warning("dropped %d records that cannot be used: %s", len(unusable), _preview(unusable, 5))
         if not self.records:
-            raise RuntimeError(f"no usable records: all {len(records)} lack image files under {self.image_root}")
+            why = unusable[0] if unusable else f"all lack image files under {self.image_root}"
+            raise RuntimeError(f"no usable records among {len(records)}: {why}")
 
     def __len__(self) -> int:
         return len(self.records)

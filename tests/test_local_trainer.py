@@ -139,10 +139,16 @@ def test_raw_and_shard_formats_give_the_same_tokens(synthetic_pubmedvision, proc
     assert text.count("<|vision_start|>") == 2
 
 
-def test_placeholder_count_must_match_images(synthetic_pubmedvision, processor):
+def test_a_record_whose_placeholders_do_not_match_its_images_is_left_out_and_counted(synthetic_pubmedvision,
+                                                                                      processor, caplog):  # fmt: skip
+    good = _records(synthetic_pubmedvision)[1]
     record = _with_placeholders(_records(synthetic_pubmedvision)[0])
     record["conversations"][0]["value"] = "<image>\n" + record["conversations"][0]["value"]
-    with pytest.raises(ValueError, match="syn-0000000.*2 <image> placeholders for 1 images"):
+    with caplog.at_level(logging.WARNING, logger="local_trainer"):
+        dataset = _dataset([record, good], synthetic_pubmedvision, processor)  # the site trains on the rest
+    assert (len(dataset), dataset.num_missing) == (1, 1)
+    assert "syn-0000000" in caplog.text and "2 <image> placeholders for 1 images" in caplog.text
+    with pytest.raises(RuntimeError, match="no usable records.*syn-0000000.*2 <image> placeholders for 1 images"):
         _dataset([record], synthetic_pubmedvision, processor)
 
 
@@ -150,8 +156,10 @@ def test_placeholder_count_must_match_images(synthetic_pubmedvision, processor):
 def test_image_paths_escaping_the_root_are_rejected(synthetic_pubmedvision, processor, bad_path):
     good = _records(synthetic_pubmedvision)[0]
     evil = {**good, "id": "evil-7", "image": [bad_path]}
-    with pytest.raises(ValueError, match="evil-7"):
-        _dataset([good, evil], synthetic_pubmedvision, processor)
+    dataset = _dataset([good, evil], synthetic_pubmedvision, processor)
+    assert (len(dataset), dataset.num_missing, dataset.records) == (1, 1, [good])  # refused, never opened
+    with pytest.raises(RuntimeError, match="no usable records.*evil-7"):
+        _dataset([evil], synthetic_pubmedvision, processor)
 
 
 def test_symlink_out_of_the_root_is_rejected(synthetic_pubmedvision, processor, tmp_path):
@@ -159,7 +167,7 @@ def test_symlink_out_of_the_root_is_rejected(synthetic_pubmedvision, processor, 
     (root / "images").mkdir(parents=True)
     (root / "images" / "link.jpg").symlink_to(synthetic_pubmedvision / _records(synthetic_pubmedvision)[0]["image"][0])
     record = {**_records(synthetic_pubmedvision)[0], "id": "link-1", "image": ["images/link.jpg"]}
-    with pytest.raises(ValueError, match="link-1.*escapes"):
+    with pytest.raises(RuntimeError, match="no usable records.*link-1.*escapes"):
         _dataset([record], root, processor)
 
 
