@@ -586,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     run = recipe.execute(make_env(args, list(sites)))
     result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()
-    print(f"\nJob {run.get_job_id()} finished in {time.time() - start:.0f} s, status: {run.get_status()}")
+    status = run.get_status()  # the simulator has none to give
+    status = f", status: {status}" if status else ""
+    print(f"\nJob {run.get_job_id()} finished in {time.time() - start:.0f} s{status}")
     if not result:
         print("error: the job produced no result folder", file=sys.stderr)
         return 1
