@@ -312,11 +312,6 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit(f"error: --server_betas {' '.join(f'{b:g}' for b in args.server_betas)} must be in [0, 1)")
     if not (math.isfinite(args.server_eps) and args.server_eps > 0):
         raise SystemExit(f"error: --server_eps {args.server_eps:g} must be a positive number")
-    if local:  # the server loads the model here: say at once if it cannot, not after a minute of Hub retries
-        from model import hub_problem
-
-        if problem := hub_problem(args.model_name_or_path):
-            raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r} ({problem})")
     if not args.task_request_interval > 0:
         raise SystemExit(f"error: --task_request_interval {args.task_request_interval:g} must be a positive number")
     if local and not Path(args.image_root).is_dir():
@@ -579,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe.export(job_dir=str(Path(args.export).resolve()))
         print(f"Job folder written to {Path(args.export).resolve() / JOB_NAME}")
         return 0
+    from model import hub_problem  # after every other check: it may take a network round trip
+
+    if runs_here(args) and (problem := hub_problem(args.model_name_or_path)):  # the server loads it here: now
+        raise SystemExit(f"error: --model_name_or_path {args.model_name_or_path!r} ({problem})")
     # The simulator's or POC's processes started from here (NVFlare's relays among them) inherit these.
     for name, value in host_memory.ENV.items():
         os.environ.setdefault(name, value)
