@@ -18,27 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 import transport
+from job import free_port_base  # the ports job.py itself picks: runs side by side do not collide
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_NAME = "qwen3-vl"
 SITE_SIZES = {"site-1": 16, "site-2": 8}  # unequal, so a plain mean and a sample-weighted mean differ
 PART_MB = 4  # the tiny model's 19 MB token embedding travels in 5 row parts
-
-
-def free_port_base(count: int) -> int:
-    """A base port with `count` free ports after it, so parallel runs on this machine do not collide."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65000 and all(_is_free(base + i) for i in range(1, count + 1)):
-            return base
-    raise RuntimeError("no free port range found")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def run_job(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
