@@ -122,13 +122,18 @@ def hint(error: str, train_argv: list[str]) -> str:
     return "see the traceback above in this site's log"
 
 
+def last_round(round_num: int, total_rounds: int | None) -> bool:
+    """Whether `round_num` is the run's last (taken to be so when the total is unknown)."""
+    return total_rounds is None or round_num >= total_rounds - 1
+
+
 def checkpoint_due(mode: str, round_num: int, total_rounds: int | None) -> bool:
     """Whether this round's checkpoint is written: every round, or the last one (every round if the total is unknown).
 
     A checkpoint of the 2B model is 4.26 GB written per site, replaced the next round, so by default only the last
     round writes one (the server keeps the global model every round).
     """
-    return mode == "every" or total_rounds is None or round_num >= total_rounds - 1
+    return mode == "every" or last_round(round_num, total_rounds)
 
 
 def save_round(work_dir: Path, round_num: int, trainer: Any, result: Any, checkpoint: bool, keep_sent: bool) -> None:
@@ -171,8 +176,8 @@ def round_options(trainer: Any, args, round_num: int, total_rounds: int | None, 
         trainer.said_no_val = True
         print(f"{tag} no val.json beside the training data: training without evaluating", flush=True)
     if val is not None:
-        last = total_rounds is None or round_num >= total_rounds - 1
-        generate = args.eval_samples if args.eval_only or round_num % args.eval_every == 0 or last else 0
+        due = args.eval_only or round_num % args.eval_every == 0 or last_round(round_num, total_rounds)
+        generate = args.eval_samples if due else 0
         options |= {"evaluate_on": val, "generate_samples": generate, "max_new_tokens": args.eval_max_new_tokens}
     return options
 

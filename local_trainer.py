@@ -823,9 +823,7 @@ class LocalTrainer:
         """
         start = time.perf_counter()
         round_num = self.round if round_num is None else round_num
-        self.load_global_state(global_state)
-        if release_global_state and global_state is not None:
-            global_state.clear()
+        self._receive(global_state, release_global_state)
         validation = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens) if evaluate_on else {}
         set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
         started_from = self._trained_weights_bf16()
@@ -862,6 +860,12 @@ class LocalTrainer:
         }
         return TrainResult(update=self._update_since(started_from), metrics=metrics)
 
+    def _receive(self, global_state: dict[str, torch.Tensor] | None, release: bool) -> None:
+        """Load the global weights; with `release`, empty the dict once they are in (its host copy is freed)."""
+        self.load_global_state(global_state)
+        if release and global_state is not None:
+            global_state.clear()
+
     def evaluate_received(
         self,
         global_state: dict[str, torch.Tensor] | None,
@@ -873,9 +877,7 @@ class LocalTrainer:
         """Load the global weights and `evaluate` them on `evaluate_on`, training nothing (job.py --eval_only): a
         result without an update, whose metrics are the `val_*` scores."""
         start = time.perf_counter()
-        self.load_global_state(global_state)
-        if release_global_state and global_state is not None:
-            global_state.clear()
+        self._receive(global_state, release_global_state)
         metrics = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens)
         return TrainResult(update=None, metrics={**metrics, "samples": 0.0, "seconds": time.perf_counter() - start})
 
