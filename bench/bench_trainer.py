@@ -6,7 +6,7 @@ warm-up round. Prints one JSON line per configuration: samples/s, tokens/s, mode
 FLOPs are counted as in ../shared/bench/gpu_anchor.py (6 x params x tokens, vision over pre-merge patches,
 attention scores; x4/3 with activation checkpointing), so the two are comparable.
 
-Usage: python bench/bench_trainer.py [--tiny] [--steps 20] [--configs bs8,bs16]
+Usage: python bench/bench_trainer.py [--tiny] [--steps 20] [--configs bs8,bs16,bs16-prox]
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="bs8,bs16",
-        help="comma list of bsN[-gc][-compile][-pad]: checkpointing, torch.compile, padded batches (not packed)",
+        help="comma list of bsN[-gc][-compile][-pad][-prox]: checkpointing, torch.compile, padded batches (not "
+        "packed), FedProx (mu 0.01)",
     )
     ap.add_argument("--mixed_sizes", action="store_true", help="a mix of image sizes instead of 448x448 only")
     ap.add_argument("--profile", default=None, help="write a torch.profiler op table of the timed round to this file")
@@ -212,7 +213,7 @@ def main() -> None:
             model_name_or_path=str(model_dir), dataset_use=str(work / "data"), image_root=str(work / "data"),
             output_dir=str(work / "out"), per_device_train_batch_size=bs, gradient_accumulation_steps=1,
             gradient_checkpointing="gc" in options, torch_compile="compile" in options,
-            padding_free="pad" not in options, learning_rate=1e-5,
+            padding_free="pad" not in options, learning_rate=1e-5, fedprox_mu=0.01 if "prox" in options else 0.0,
             max_pixels=max_pixels, min_pixels=784, warmup_ratio=0.0, lr_scheduler_type="constant", logging_steps=1,
             dataloader_num_workers=0 if args.tiny else min(8, os.cpu_count() or 1), bf16=torch.cuda.is_available(),
         )  # fmt: skip
