@@ -227,6 +227,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         server_momentum: float = 0.9,
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float = 1e-3,
+        history_file: str | None = None,
     ):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB updates
@@ -249,6 +250,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._loss_sum = 0.0
         self._round_records: list[dict] = []
         self._history: list[dict] = []
+        self.history_file = history_file  # an earlier run's site_metrics.json (--resume_from): its rounds come first
         self._discarder: threading.Thread | None = None  # deletes the averaged updates' files (_discard)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -317,7 +319,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         checked (keys, shapes, files) before any tensor changes. The result has the keys the sites were sent: row
         parts are views of the fp32 tensors.
         """
-        self._history.extend(self._round_records)
+        self._record_round()
         best = self._score_received_model()
         self._write_history()
         made, served = transport.SERIALIZED.clear()  # every site has downloaded the global model by now
@@ -524,6 +526,20 @@ class SampleWeightedFedAvg(ModelAggregator):
                         into.add_(tmp[: hi - lo].copy_(value[lo - offset : hi - offset]), alpha=weight)
                 self.optimizer.step(moments, start, flat_target[start:stop], acc.div_(self._total), tmp)
 
+    def _record_round(self) -> None:
+        """Add this round's records to the history; before the run's first, the earlier run's records of the rounds
+        before it (`history_file`), so site_metrics.json goes on where the resumed run's ended."""
+        first = min((r["round"] for r in self._round_records), default=None)
+        if self.history_file and first is not None and not self._history:
+            try:
+                earlier = json.loads(Path(self.history_file).read_text())
+                self._history = [r for r in earlier if r["round"] < first]
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                self.warning(f"{self.history_file}: not read ({type(e).__name__}: {e}); the history starts here")
+        self._history.extend(self._round_records)
+
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
         if app_root:
@@ -543,7 +559,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         """The round does not count: its records are kept with weight 0 and `reason`, the global model is unchanged."""
         for record in self._round_records:
             record.update(weight=0.0, error=record.get("error") or reason)
-        self._history.extend(self._round_records)
+        self._record_round()
         self._write_history()
         self.reset_stats()
 

@@ -348,17 +348,17 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
 
 def keep_resume_source(args: argparse.Namespace) -> None:
     """The simulator empties <workspace>/qwen3-vl before it starts: a --resume_from inside it (e.g. the last run's
-    FL_global_model.pt) and the FL_server_optimizer.pt beside it are first linked (else copied) out of it, to
-    <workspace>/resume-<time>-*/, and the run resumes from there."""
+    FL_global_model.pt) and the FL_server_optimizer.pt and site_metrics.json beside it are first linked (else copied)
+    out of it, to <workspace>/resume-<time>-*/, and the run resumes from there."""
     if args.env != "sim" or args.export or not args.resume_from:
         return
-    from fl_server import OPTIMIZER_FILE
+    from fl_server import OPTIMIZER_FILE, SITE_METRICS_FILE
 
     source, cleared = Path(args.resume_from).resolve(), (Path(args.workspace) / JOB_NAME).resolve()
     if not source.is_relative_to(cleared):
         return
     keep = Path(tempfile.mkdtemp(prefix=f"resume-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cleared.parent))
-    for file in (source, source.with_name(OPTIMIZER_FILE)):
+    for file in (source, source.with_name(OPTIMIZER_FILE), source.with_name(SITE_METRICS_FILE)):
         if file.is_file():
             try:
                 os.link(file, keep / file.name)
@@ -394,7 +394,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
     from nvflare.client.config import ExchangeFormat
     from nvflare.recipe import add_experiment_tracking, set_per_site_config
 
-    from fl_server import FaultTolerantFedAvg, QwenPersistor, SampleWeightedFedAvg
+    from fl_server import SITE_METRICS_FILE, FaultTolerantFedAvg, QwenPersistor, SampleWeightedFedAvg
 
     names = list(sites)
     resume = site_path(args, args.resume_from) if args.resume_from else None
@@ -429,6 +429,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
             server_momentum=args.server_momentum,
             server_betas=args.server_betas,
             server_eps=args.server_eps,
+            history_file=str(Path(resume).with_name(SITE_METRICS_FILE)) if resume else None,
         ),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
@@ -562,8 +563,9 @@ def report(
                 r = got.get(site) or {"weight": 0, "error": "no result"}
                 evaluated_only = not r["weight"] and not r.get("error") and r.get("val_loss") is not None
                 failed |= not (r["weight"] or evaluated_only)
-                stopped = rnd if str(r.get("error")).startswith(DISCARDED) else stopped
-                contributed |= r["weight"] > 0 or evaluated_only
+                if rnd >= start_round:  # this run's rounds (a resumed run's history has the earlier ones first)
+                    stopped = rnd if str(r.get("error")).startswith(DISCARDED) else stopped
+                    contributed |= r["weight"] > 0 or evaluated_only
                 failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
                 status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
                 line = "; ".join(filter(None, ["evaluated" if evaluated_only else status, scores(r)]))

@@ -342,7 +342,9 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     assert "site=site-1 round=2: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
     assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(ws) / "site_metrics.json").read_text())
-    assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
+    assert {r["site"]: r["samples"] for r in records if r["round"] == 2} == {s: float(n) for s, n in SITE_SIZES.items()}
+    # The history goes on: the first run's rounds come first (site-3's failures among them).
+    assert [r["round"] for r in records if r["site"] == "site-3"] == [0, 1]
 
 
 @pytest.mark.slow
@@ -678,8 +680,8 @@ def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
     # The rounds continue: the first run's was round 0, so the resumed run's is round 1 (its data order, schedule
     # position and last round follow from that number).
     assert "Resuming after round 0: rounds 1 to 1" in resumed.stdout
-    history = json.loads((server_app(ws / JOB_NAME) / "site_metrics.json").read_text())
-    assert {r["round"] for r in history} == {1} and "round 1 site-1: loss" in resumed.stdout
+    history = json.loads((server_app(ws / JOB_NAME) / "site_metrics.json").read_text())  # the first run's round too
+    assert {r["round"] for r in history} == {0, 1} and "round 1 site-1: loss" in resumed.stdout
     # The resumed run's global model is the file's weights plus the round's sample-weighted average update.
     sites = ("site-1", "site-2")
     sent, weights = sent_updates(ws / JOB_NAME, sites, (1,))
@@ -786,6 +788,9 @@ def test_a_site_killed_mid_round_is_left_out_down_to_min_sites_and_a_stopped_run
     before = global_weights(ws)
     assert all(torch.equal(v, before[k]) for k, v in global_weights(b / JOB_NAME).items())
     assert resumed_round(str(kept)) == 2
+    # The metrics history goes on from A's: its rounds 0 and 1, then round 2 as it failed.
+    history = json.loads((server_app(b / JOB_NAME) / "site_metrics.json").read_text())
+    assert sorted((r["round"], r["site"]) for r in history) == [(rnd, s) for rnd in (0, 1, 2) for s in SITE_SIZES]
 
 
 @pytest.mark.slow
