@@ -9,6 +9,7 @@ the global model, the loss plot and the logs are.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -86,6 +87,11 @@ def define_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--export-dir", dest="export_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume_from", default=None, help="FL_global_model.pt of an earlier run as initial weights")
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="sim: NVFlare's detail on the console too (by default the console shows the rounds, each site's result "
+        "and warnings; everything is in each site's and the server's log.txt)",
+    )  # fmt: skip
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without WANDB_API_KEY)")
     p.add_argument(
         "--adhoc_connections", action=argparse.BooleanOptionalAction, default=True,
@@ -482,7 +488,24 @@ def make_env(args: argparse.Namespace, names: list[str]):
         return PocEnv(clients=names)
     if args.env == "prod":
         return ProdEnv(startup_kit_location=str(Path(args.startup_kit).resolve()))
-    return SimEnv(clients=names, num_threads=len(names), workspace_root=str(Path(args.workspace).resolve()))
+    workspace = Path(args.workspace).resolve()
+    log_config = None if args.verbose else quiet_log_config(workspace)
+    return SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace), log_config=log_config)
+
+
+def quiet_log_config(workspace: Path) -> str:
+    """NVFlare's concise logging with a quieter console: the server's rounds and each site's result (fl_server's
+    components) and every warning or error. Each process's log.txt keeps everything. Written to the workspace."""
+    from nvflare.fuel.utils.log_utils import concise_log_dict
+
+    config = copy.deepcopy(concise_log_dict)
+    rounds = {"()": "nvflare.fuel.utils.log_utils.LoggerNameFilter", "logger_names": ["fl_server"]}
+    config["filters"]["RoundsFilter"] = rounds
+    config["handlers"]["consoleHandler"]["filters"] = ["RoundsFilter"]
+    path = workspace / "log_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------ results
