@@ -46,6 +46,7 @@ from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
@@ -593,7 +594,16 @@ class FaultTolerantFedAvg(FedAvg):
         except FederationStopped as stop:
             self.error(str(stop))
 
-    def send_model(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0, callback=None):
+    def send_model(
+        self,
+        task_name: str = "train",
+        data: FLModel | None = None,
+        targets: list[str] | None = None,
+        min_responses: int | None = None,
+        timeout: int = 0,
+        callback=None,
+    ) -> None:
+        """NVFlare's send, with this controller's wait: `min_responses` and `timeout` are set from `round_timeout`."""
         self._targets, self._answered, self._failed = list(targets or []), set(), {}
         # With a round_timeout: done once the first site answered and the others had round_timeout seconds more;
         # without: done when every site answered (or NVFlare declared the silent ones dead).
@@ -602,7 +612,9 @@ class FaultTolerantFedAvg(FedAvg):
             wait_time_after_min_received=self.round_timeout, blocking=False, callback=callback,
         )  # fmt: skip
 
-    def _accept_train_result(self, client_name, result, fl_ctx, is_unknown_task=False) -> bool:
+    def _accept_train_result(
+        self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
+    ) -> bool:
         rc = result.get_return_code()
         if not is_unknown_task and rc and rc != ReturnCode.OK:
             self._failed[client_name] = rc

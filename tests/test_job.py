@@ -438,6 +438,8 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
     assert proc.returncode != 0 and "--part_mb -1 is negative" in proc.stderr
     proc = run_job("--n_clients", "2", "--task_request_interval", "0", "--data_dir", str(site_data))
     assert proc.returncode != 0 and "--task_request_interval 0 must be a positive number" in proc.stderr
+    proc = run_job("--n_clients", "2", "--min_sites", "3", "--data_dir", str(site_data))
+    assert proc.returncode != 0 and "--min_sites 3 must be between 1 and --n_clients 2" in proc.stderr
 
 
 @pytest.mark.slow
