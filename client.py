@@ -260,6 +260,18 @@ def _exit_on_sigterm(*_) -> None:
     os._exit(0)
 
 
+def exchange(call, what: str, *args) -> Any:
+    """`flare.receive()` or `flare.send(...)` on rank 0; if it fails the session with this site's client job is gone
+    (the run ended or aborted while this site was late, or the client job died): say so and leave at once (NVFlare's
+    messaging threads would keep a normal exit waiting; torchrun then stops the other ranks)."""
+    try:
+        return call(*args)
+    except Exception as e:
+        print(f"rank 0: could not {what} ({type(e).__name__}: {e}): the run is over for this site, leaving",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, train_argv = parse_args(argv)
     host_memory.apply()  # reused buffers for sending and receiving the weights
@@ -283,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = None
     while True:
-        global_model = flare.receive() if RANK == 0 else None  # the global model (bf16); None: the job is over
+        global_model = exchange(flare.receive, "receive the global model") if RANK == 0 else None  # None: job over
         # The run's rounds: a resumed job starts at the round after its checkpoint's (start_round) and runs
         # total_rounds more, so its schedule, data order and last round continue the first run's.
         rounds = None if global_model is None else (global_model.current_round, run_rounds(global_model))
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                 name = key if key.startswith("val_") else f"train_{key}"
                 if math.isfinite(value):
                     writer.add_scalar(name, value, round_num)
-            flare.send(out)
+            exchange(flare.send, f"send round {round_num}'s result", out)
         if error is None and not args.eval_only:  # after sending: the server aggregates while this site saves
             due = checkpoint_due(args.checkpoint, round_num, total_rounds)
             save_round(work_dir, round_num, trainer, result, due, args.save_sent)

@@ -44,14 +44,16 @@ from pathlib import Path
 import torch
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, WorkspaceConstants
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 import host_memory
@@ -67,6 +69,7 @@ OPTIMIZER_FILE = "FL_server_optimizer.pt"
 BEST_MODEL_FILE = "FL_best_model.pt"
 OPTIMIZER_TOKEN = "server_optimizer_token"  # in both files of one save: the state belongs to that model
 BEST_META = "val_loss_best"  # the aggregate's meta: the global model the sites received this round scored best
+DISCARDED = "round discarded"  # site_metrics.json: the error of a round too few sites answered (FaultTolerantFedAvg)
 MEAN = "weighted mean"  # site_metrics.json: the "site" of a round's weighted val_* entry
 # The sites' scores of the global model they received (client.py): each is averaged weighted by its count.
 VAL_WEIGHTS = {"val_loss": "val_samples", "val_exact_match": "val_generated", "val_token_f1": "val_generated",
@@ -77,10 +80,23 @@ EVAL_ONLY = "EVAL_ONLY"  # a site's meta: it evaluated the global model and trai
 _OPTIMIZERS: dict = {}
 
 
-def _atomic_write_json(path: Path, data) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary file beside `path`, flushed to disk, then renamed onto `path`: `path` is the
+    old file or the new one, never a part. On any failure (a full disk) the temporary file is removed and the error
+    raised; `path` is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_json(path: Path, data) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 class OffloadedTensor:
@@ -212,6 +228,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         server_momentum: float = 0.9,
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float = 1e-3,
+        history_file: str | None = None,
     ):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB updates
@@ -234,6 +251,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         self._loss_sum = 0.0
         self._round_records: list[dict] = []
         self._history: list[dict] = []
+        self.history_file = history_file  # an earlier run's site_metrics.json (--resume_from): its rounds come first
         self._discarder: threading.Thread | None = None  # deletes the averaged updates' files (_discard)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -302,7 +320,7 @@ class SampleWeightedFedAvg(ModelAggregator):
         checked (keys, shapes, files) before any tensor changes. The result has the keys the sites were sent: row
         parts are views of the fp32 tensors.
         """
-        self._history.extend(self._round_records)
+        self._record_round()
         best = self._score_received_model()
         self._write_history()
         made, served = transport.SERIALIZED.clear()  # every site has downloaded the global model by now
@@ -509,10 +527,120 @@ class SampleWeightedFedAvg(ModelAggregator):
                         into.add_(tmp[: hi - lo].copy_(value[lo - offset : hi - offset]), alpha=weight)
                 self.optimizer.step(moments, start, flat_target[start:stop], acc.div_(self._total), tmp)
 
+    def _record_round(self) -> None:
+        """Add this round's records to the history; before the run's first, the earlier run's records of the rounds
+        before it (`history_file`), so site_metrics.json goes on where the resumed run's ended."""
+        first = min((r["round"] for r in self._round_records), default=None)
+        if self.history_file and first is not None and not self._history:
+            try:
+                earlier = json.loads(Path(self.history_file).read_text())
+                self._history = [r for r in earlier if r["round"] < first]
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                self.warning(f"{self.history_file}: not read ({type(e).__name__}: {e}); the history starts here")
+        self._history.extend(self._round_records)
+
     def _write_history(self) -> None:
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
         if app_root:
-            _atomic_write_json(Path(app_root) / SITE_METRICS_FILE, self._history)
+            path = Path(app_root) / SITE_METRICS_FILE
+            try:
+                _atomic_write_json(path, self._history)
+            except OSError as e:  # a full disk must not stop the federation: the next round writes it all again
+                self.error(f"could not write {path} ({e}); the file there is intact, without this round")
+
+    def record_missing(self, round_num: int, missing: dict[str, str]) -> None:
+        """The sites that sent no result in `round_num` (site -> why), recorded with weight 0."""
+        for site, why in missing.items():
+            self.warning(f"{site}: no result in round {round_num} ({why})")
+            self._round_records.append({"round": round_num, "site": site, "weight": 0.0, "error": why})
+
+    def discard_round(self, reason: str) -> None:
+        """The round does not count: its records are kept with weight 0 and `reason`, the global model is unchanged."""
+        for record in self._round_records:
+            record.update(weight=0.0, error=record.get("error") or reason)
+        self._record_round()
+        self._write_history()
+        self.reset_stats()
+
+
+class FederationStopped(Exception):
+    """Too few sites answered a round: the run ends after the last complete round."""
+
+
+class FaultTolerantFedAvg(FedAvg):
+    """NVFlare's FedAvg that goes on without the sites that do not answer a round, down to `min_sites`.
+
+    A round waits for every site, at most `round_timeout` seconds after the first one answered (0: no limit). A site
+    whose trainer process died answers with an error, which is ignored (not NVFlare's panic); one that timed out or
+    whose client job left is not waited for further. Those sites are recorded with weight 0 and the reason
+    (`site_metrics.json`) and the round averages the others. A site that answers, even with a failure of its own
+    training (weight 0), counts as answered. When fewer than `min_sites` answered (0: every site), the round is
+    discarded and the run ends cleanly: FL_global_model.pt holds the last complete round, which `--resume_from`
+    continues.
+    """
+
+    def __init__(self, *args, min_sites: int = 0, round_timeout: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_sites, self.round_timeout = min_sites, round_timeout
+        self._targets: list[str] = []
+        self._answered: set[str] = set()
+        self._failed: dict[str, str] = {}  # site -> NVFlare's return code of its error result
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except FederationStopped as stop:
+            self.error(str(stop))
+
+    def send_model(
+        self,
+        task_name: str = "train",
+        data: FLModel | None = None,
+        targets: list[str] | None = None,
+        min_responses: int | None = None,
+        timeout: int = 0,
+        callback=None,
+    ) -> None:
+        """NVFlare's send, with this controller's wait: `min_responses` and `timeout` are set from `round_timeout`."""
+        self._targets, self._answered, self._failed = list(targets or []), set(), {}
+        # With a round_timeout: done once the first site answered and the others had round_timeout seconds more;
+        # without: done when every site answered (or NVFlare declared the silent ones dead).
+        self.broadcast_model(
+            task_name=task_name, data=data, targets=targets, min_responses=1 if self.round_timeout else 0,
+            wait_time_after_min_received=self.round_timeout, blocking=False, callback=callback,
+        )  # fmt: skip
+
+    def _accept_train_result(
+        self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
+    ) -> bool:
+        rc = result.get_return_code()
+        if not is_unknown_task and rc and rc != ReturnCode.OK:
+            self._failed[client_name] = rc
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        self._answered.add(result.meta.get("client_name"))
+        return super()._aggregate_one_result(result)
+
+    def _get_aggregated_result(self) -> FLModel:
+        late = f"no result within --round_timeout {self.round_timeout} s of the first site's"
+        missing = {
+            site: f"its trainer process ended without a result ({self._failed[site]})" if site in self._failed
+            else late if self.round_timeout else "its client job left"
+            for site in self._targets if site not in self._answered
+        }  # fmt: skip
+        self.aggregator.record_missing(self.current_round, missing)
+        need = self.min_sites or len(self._targets)
+        if len(self._answered) < need:
+            answered = f"{len(self._answered)} of {len(self._targets)} sites answered"
+            self.aggregator.discard_round(f"{DISCARDED}: {answered} (--min_sites {need})")
+            raise FederationStopped(
+                f"the federation stopped in round {self.current_round}: {answered}, fewer than --min_sites {need}; "
+                "FL_global_model.pt holds the last complete round: continue with --resume_from"
+            )
+        return super()._get_aggregated_result()
 
 
 class QwenPersistor(PTFileModelPersistor):
@@ -567,20 +695,16 @@ class QwenPersistor(PTFileModelPersistor):
             if optimizer is not None and optimizer.state:
                 token = uuid.uuid4().hex
                 path = Path(self._ckpt_save_path).with_name(OPTIMIZER_FILE)
-                tmp = path.with_name(f".{path.name}.tmp")
-                with open(tmp, "wb") as f:
-                    torch.save(optimizer.state_dict() | {OPTIMIZER_TOKEN: token}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                atomic_write(path, lambda f: torch.save(optimizer.state_dict() | {OPTIMIZER_TOKEN: token}, f))
                 self.logger.info(f"server optimizer state ({optimizer.name}): {optimizer.nbytes():,} bytes in {path}")
             other = self.persistence_manager.other_props
             other.pop(OPTIMIZER_TOKEN, None)
             other.update({OPTIMIZER_TOKEN: token} if token else {})
             self.save_model_file(self._ckpt_save_path)  # NVFlare's atomic write (temp file, fsync, rename)
             self._saved = True
-        except Exception:
-            self.logger.exception(f"could not write {self._ckpt_save_path}; the previous round's file is intact")
+        except Exception as e:  # a full disk: job.py sees the file's round behind the run's and exits 1
+            self.logger.error(f"could not write {self._ckpt_save_path} ({type(e).__name__}: {e}); the file there "
+                              "is intact and holds an earlier round")  # fmt: skip
 
     def _keep_best(self, round_num: int, fl_ctx: FLContext) -> None:
         """`FL_best_model.pt`: the file of the global model the sites received in `round_num`, hard-linked (the next
@@ -591,12 +715,17 @@ class QwenPersistor(PTFileModelPersistor):
                                    f"{best.name} is not updated")  # fmt: skip
             return
         tmp = best.with_name(f".{best.name}.tmp")
-        tmp.unlink(missing_ok=True)
         try:
-            os.link(self._ckpt_save_path, tmp)
-        except OSError:
-            shutil.copyfile(self._ckpt_save_path, tmp)
-        os.replace(tmp, best)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(self._ckpt_save_path, tmp)
+            except OSError:
+                shutil.copyfile(self._ckpt_save_path, tmp)
+            os.replace(tmp, best)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self.log_error(fl_ctx, f"could not write {best} ({e}); the file there is intact")
+            return
         self.log_info(fl_ctx, f"{best}: the global model the sites received in round {round_num} (best val_loss)")
 
     def wait_for_save(self) -> None:
@@ -668,8 +797,12 @@ class QwenPersistor(PTFileModelPersistor):
         self.model.load_state_dict(weights, assign=True)
         tmp = output_dir.with_name(output_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.model.save_pretrained(tmp)
-        AutoProcessor.from_pretrained(self.model_name_or_path).save_pretrained(tmp)
+        try:
+            self.model.model.save_pretrained(tmp)
+            AutoProcessor.from_pretrained(self.model_name_or_path).save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no part-written folder behind
+            raise
         shutil.rmtree(output_dir, ignore_errors=True)
         os.replace(tmp, output_dir)
         return output_dir

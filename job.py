@@ -9,6 +9,7 @@ the global model, the loss plot and the logs are.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,6 +50,12 @@ def define_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="tiny model + synthetic data under ./demo, 3 sites x 2 rounds")
     p.add_argument("--n_clients", type=int, default=3, help="number of sites (site-1 .. site-N)")
+    p.add_argument(
+        "--min_sites", type=int, default=None,
+        help="a round goes on without the sites that do not answer (trainer killed, client job gone, past "
+        "--round_timeout) if at least this many answered; else the run stops after the last complete round "
+        "(default: every site)",
+    )  # fmt: skip
     p.add_argument("--num_rounds", type=int, default=None, help="FL rounds (default 3; 2 with --demo)")
     p.add_argument("--data_dir", default="./data", help="folder with site-N/train.json (python prepare_data.py)")
     p.add_argument("--image_root", default="PubMedVision", help="folder the records' image paths are relative to")
@@ -80,6 +87,11 @@ def define_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--export-dir", dest="export_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume_from", default=None, help="FL_global_model.pt of an earlier run as initial weights")
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="sim: NVFlare's detail on the console too (by default the console shows the rounds, each site's result "
+        "and warnings; everything is in each site's and the server's log.txt)",
+    )  # fmt: skip
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline without WANDB_API_KEY)")
     p.add_argument(
         "--adhoc_connections", action=argparse.BooleanOptionalAction, default=True,
@@ -133,6 +145,17 @@ def define_parser() -> argparse.ArgumentParser:
         "training nothing",
     )  # fmt: skip
     t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
+    t.add_argument(
+        "--round_timeout", type=int, default=3600,
+        help="how long a round waits for the other sites after the first one answered; those not in by then are "
+        "left out of the round (see --min_sites). 0: wait for every site (one whose client job died: until NVFlare "
+        "declares it dead; in the simulator, forever)",
+    )  # fmt: skip
+    t.add_argument(
+        "--collective_timeout", type=int, default=1800,
+        help="a site's ranks give up on a collective (broadcast, all-reduce) after this long, so one hung rank fails "
+        "its site's round instead of hanging the others",
+    )  # fmt: skip
     t.add_argument("--launch_timeout", type=float, default=1800, help="site process start-up to first contact")
     t.add_argument("--get_task_timeout", type=float, default=1800, help="client waiting for the global model")
     t.add_argument("--submit_task_result_timeout", type=float, default=1800, help="client uploading its weights")
@@ -174,6 +197,8 @@ def site_devices(args: argparse.Namespace) -> list[str | None]:
 
 def site_command(index: int, devices: str | None, nproc: int, args: argparse.Namespace) -> str:
     """torchrun for one site; NVFlare runs it without a shell, so the environment goes through `env`."""
+    from local_trainer import COLLECTIVE_TIMEOUT_ENV
+
     local = runs_here(args)
     env = []
     if devices is not None:
@@ -182,12 +207,13 @@ def site_command(index: int, devices: str | None, nproc: int, args: argparse.Nam
         # CPU sites share this machine's cores: one torch thread pool per core share, not one per core each.
         threads = max(1, (os.cpu_count() or 1) // (args.n_clients * nproc))
         env.append(f"OMP_NUM_THREADS={threads}")
+    env.append(f"{COLLECTIVE_TIMEOUT_ENV}={args.collective_timeout}")
     python = sys.executable if local else "python3"
     torchrun = (
         f"{python} -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc} "
         f"--master_addr=127.0.0.1 --master_port={args.master_port + index}"
     )
-    return f"env {' '.join(env)} {torchrun}" if env else torchrun
+    return f"env {' '.join(env)} {torchrun}"
 
 
 def runs_here(args: argparse.Namespace) -> bool:
@@ -312,6 +338,10 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
         raise SystemExit(f"error: --server_betas {' '.join(f'{b:g}' for b in args.server_betas)} must be in [0, 1)")
     if not (math.isfinite(args.server_eps) and args.server_eps > 0):
         raise SystemExit(f"error: --server_eps {args.server_eps:g} must be a positive number")
+    if args.min_sites is not None and not 1 <= args.min_sites <= args.n_clients:
+        raise SystemExit(f"error: --min_sites {args.min_sites} must be between 1 and --n_clients {args.n_clients}")
+    if args.round_timeout < 0 or args.collective_timeout <= 0:
+        raise SystemExit("error: --round_timeout must be 0 (no limit) or more, --collective_timeout more than 0")
     if not args.task_request_interval > 0:
         raise SystemExit(f"error: --task_request_interval {args.task_request_interval:g} must be a positive number")
     if local and not Path(args.image_root).is_dir():
@@ -324,17 +354,17 @@ def check_inputs(args: argparse.Namespace) -> dict[str, str]:
 
 def keep_resume_source(args: argparse.Namespace) -> None:
     """The simulator empties <workspace>/qwen3-vl before it starts: a --resume_from inside it (e.g. the last run's
-    FL_global_model.pt) and the FL_server_optimizer.pt beside it are first linked (else copied) out of it, to
-    <workspace>/resume-<time>-*/, and the run resumes from there."""
+    FL_global_model.pt) and the FL_server_optimizer.pt and site_metrics.json beside it are first linked (else copied)
+    out of it, to <workspace>/resume-<time>-*/, and the run resumes from there."""
     if args.env != "sim" or args.export or not args.resume_from:
         return
-    from fl_server import OPTIMIZER_FILE
+    from fl_server import OPTIMIZER_FILE, SITE_METRICS_FILE
 
     source, cleared = Path(args.resume_from).resolve(), (Path(args.workspace) / JOB_NAME).resolve()
     if not source.is_relative_to(cleared):
         return
     keep = Path(tempfile.mkdtemp(prefix=f"resume-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cleared.parent))
-    for file in (source, source.with_name(OPTIMIZER_FILE)):
+    for file in (source, source.with_name(OPTIMIZER_FILE), source.with_name(SITE_METRICS_FILE)):
         if file.is_file():
             try:
                 os.link(file, keep / file.name)
@@ -370,16 +400,25 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
     from nvflare.client.config import ExchangeFormat
     from nvflare.recipe import add_experiment_tracking, set_per_site_config
 
-    from fl_server import QwenPersistor, SampleWeightedFedAvg
+    from fl_server import SITE_METRICS_FILE, FaultTolerantFedAvg, QwenPersistor, SampleWeightedFedAvg
 
     names = list(sites)
     resume = site_path(args, args.resume_from) if args.resume_from else None
 
-    class ResumingFedAvgRecipe(FedAvgRecipe):  # NVFlare's FedAvg recipe, its controller starting at `start_round`
-        def _get_controller_kwargs(self) -> dict:
-            return {**super()._get_controller_kwargs(), "start_round": start_round}
+    class ResumingFedAvgRecipe(FedAvgRecipe):
+        """NVFlare's FedAvg recipe with FaultTolerantFedAvg as its controller, starting at `start_round`."""
 
-    start_round = 0 if args.eval_only else resumed_round(resume)
+        def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> FaultTolerantFedAvg:
+            return FaultTolerantFedAvg(
+                num_clients=self.min_clients, num_rounds=self.num_rounds, start_round=start_round,
+                persistor_id=persistor_id, model=model_params, aggregator=model_aggregator, task_name="train",
+                save_filename=self.save_filename, memory_gc_rounds=self.server_memory_gc_rounds,
+                enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+                min_sites=args.min_sites or args.n_clients, round_timeout=args.round_timeout,
+                ignore_result_error=True,  # a site whose trainer died is left out, not the run aborted
+            )  # fmt: skip
+
+    start_round = args.start_round = 0 if args.eval_only else resumed_round(resume)
     if start_round:
         print(f"Resuming after round {start_round - 1}: rounds {start_round} to {start_round + args.num_rounds - 1}")
     recipe = ResumingFedAvgRecipe(
@@ -396,6 +435,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
             server_momentum=args.server_momentum,
             server_betas=args.server_betas,
             server_eps=args.server_eps,
+            history_file=str(Path(resume).with_name(SITE_METRICS_FILE)) if resume else None,
         ),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
@@ -448,7 +488,24 @@ def make_env(args: argparse.Namespace, names: list[str]):
         return PocEnv(clients=names)
     if args.env == "prod":
         return ProdEnv(startup_kit_location=str(Path(args.startup_kit).resolve()))
-    return SimEnv(clients=names, num_threads=len(names), workspace_root=str(Path(args.workspace).resolve()))
+    workspace = Path(args.workspace).resolve()
+    log_config = None if args.verbose else quiet_log_config(workspace)
+    return SimEnv(clients=names, num_threads=len(names), workspace_root=str(workspace), log_config=log_config)
+
+
+def quiet_log_config(workspace: Path) -> str:
+    """NVFlare's concise logging with a quieter console: the server's rounds and each site's result (fl_server's
+    components) and every warning or error. Each process's log.txt keeps everything. Written to the workspace."""
+    from nvflare.fuel.utils.log_utils import concise_log_dict
+
+    config = copy.deepcopy(concise_log_dict)
+    rounds = {"()": "nvflare.fuel.utils.log_utils.LoggerNameFilter", "logger_names": ["fl_server"]}
+    config["filters"]["RoundsFilter"] = rounds
+    config["handlers"]["consoleHandler"]["filters"] = ["RoundsFilter"]
+    path = workspace / "log_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -503,26 +560,35 @@ def scores(record: dict) -> str:
     return f"val {', '.join(found)}" if found else ""
 
 
-def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None) -> int:
-    """Print per-round site results and where every output is; write the loss plot. Non-zero without a model, or
-    when no site contributed to any round (nor, with --eval_only, scored the model): the model is the initial one."""
-    from fl_server import MEAN
+def report(
+    root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] | None = None, start_round: int = 0
+) -> int:
+    """Print per-round site results and where every output is; write the loss plot. Non-zero without a model, when
+    no site contributed to any round (nor, with --eval_only, scored the model): the model is the initial one, or when
+    FL_global_model.pt holds an earlier round than the run's last (it stopped early, or a save failed)."""
+    from fl_server import DISCARDED, MEAN
 
     outputs = find_outputs(root)
     outputs["site and server logs"] += site_logs or []
     contributed = False  # some site trained (weight > 0) or, with --eval_only, scored the model, in some round
+    stopped = None  # the round in which too few sites answered (fl_server.FaultTolerantFedAvg)
     if outputs["per-site metrics"]:
-        outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
+        try:
+            outputs["loss plot (PNG)"] = [plot_losses(outputs["per-site metrics"][0], root / "loss_per_site.png")]
+        except OSError as e:  # a full disk: the summary matters more
+            print(f"warning: the loss plot was not written ({e})", file=sys.stderr)
         records = json.loads(outputs["per-site metrics"][0].read_text())
         failed = False
-        ran = sorted({r["round"] for r in records}) or [0]
-        for rnd in range(ran[0], max(ran[-1] + 1, ran[0] + num_rounds)):  # a resumed run's rounds start later
+        ran = sorted({r["round"] for r in records}) or [start_round]
+        for rnd in range(ran[0], ran[-1] + 1):
             got = {r["site"]: r for r in records if r["round"] == rnd}
             for site in sites:
                 r = got.get(site) or {"weight": 0, "error": "no result"}
                 evaluated_only = not r["weight"] and not r.get("error") and r.get("val_loss") is not None
                 failed |= not (r["weight"] or evaluated_only)
-                contributed |= r["weight"] > 0 or evaluated_only
+                if rnd >= start_round:  # this run's rounds (a resumed run's history has the earlier ones first)
+                    stopped = rnd if str(r.get("error")).startswith(DISCARDED) else stopped
+                    contributed |= r["weight"] > 0 or evaluated_only
                 failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
                 status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
                 line = "; ".join(filter(None, ["evaluated" if evaluated_only else status, scores(r)]))
@@ -532,9 +598,9 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
                 print(f"  round {rnd} the model the sites received, weighted mean: {scores(got[MEAN])}{best}")
         if failed:
             print("  A failed site sends no weights; its log says why (search 'site training failed').")
-    saved = bool(outputs["global model (.pt)"])
+    model = next(iter(outputs["global model (.pt)"]), None)
     if not contributed:  # what was written is the model the run started from
-        untrained = "initial model, untrained: no site contributed"
+        untrained = "resumed model, unchanged" if start_round else "initial model, untrained: no site contributed"
         outputs = {(untrained + k.removeprefix("global model") if k.startswith("global model") else k): v
                    for k, v in outputs.items()}  # fmt: skip
     print(f"\nResults under {root}:")
@@ -543,14 +609,22 @@ def report(root: Path, sites: list[str], num_rounds: int, site_logs: list[Path] 
             continue
         for p in paths or ["(none found)"]:
             print(f"  {what:32s} {p}")
-    if not saved:
+    if model is None:
         print("error: no global model was saved; see the server and site logs above", file=sys.stderr)
         return 1
-    if not contributed:
-        print("error: no site contributed in any round, so the model was not trained; the sites' logs say why "
-              "(search 'site training failed')", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    last, held = start_round + num_rounds - 1, resumed_round(str(model)) - 1
+    if stopped is not None:
+        why = f"the federation stopped in round {stopped}: fewer than --min_sites sites answered"
+    elif not contributed:
+        why = "no site contributed in any round, so the model was not trained; the sites' logs say why (search 'site " \
+              "training failed')"  # fmt: skip
+    elif held < last:
+        why = "a save failed (the server log says why: search 'could not write')"
+    else:
+        return 0
+    resume = f". {model} holds the model after round {held}: continue with --resume_from {model}"
+    print(f"error: {why}{resume if 0 <= held < last else ''}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,7 +657,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     os.environ[ADHOC_ENV] = "true" if args.adhoc_connections else "false"
     start = time.time()
-    run = recipe.execute(make_env(args, list(sites)))
+    try:
+        run = recipe.execute(make_env(args, list(sites)))
+    except RuntimeError as e:  # NVFlare aborted the run (the simulator says so this way); what it wrote is reported
+        if args.env != "sim":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        report(Path(args.workspace) / JOB_NAME, list(sites), args.num_rounds, start_round=args.start_round)
+        return 1
     result = run.get_result(clean_up=False) if args.env == "poc" else run.get_result()
     status = run.get_status()  # the simulator has none to give
     status = f", status: {status}" if status else ""
@@ -596,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         from nvflare.tool.poc.poc_commands import get_poc_workspace
 
         site_logs = sorted(Path(get_poc_workspace()).glob(f"*/prod_*/site-*/{run.get_job_id()}/log.txt"))
-    return report(Path(result), list(sites), args.num_rounds, site_logs)
+    return report(Path(result), list(sites), args.num_rounds, site_logs, start_round=args.start_round)
 
 
 if __name__ == "__main__":

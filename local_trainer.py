@@ -33,6 +33,7 @@ CLI: `python local_trainer.py --model_name_or_path DIR --dataset_use data/site-1
 
 from __future__ import annotations
 
+import datetime
 import functools
 import gc
 import itertools
@@ -63,6 +64,7 @@ from model import (
 )
 
 logger = logging.getLogger("local_trainer")
+COLLECTIVE_TIMEOUT_ENV = "FL_COLLECTIVE_TIMEOUT"  # seconds a rank waits in a collective (init_distributed)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -685,12 +687,17 @@ def _rank() -> int:
 
 
 def init_distributed() -> torch.device:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this rank's device.
+
+    A collective that waits longer than $FL_COLLECTIVE_TIMEOUT seconds (job.py --collective_timeout, default 1800)
+    raises on the ranks that wait, so a rank that hangs or died fails its site's round instead of hanging the others.
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get(COLLECTIVE_TIMEOUT_ENV, 1800)))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 

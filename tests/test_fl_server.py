@@ -7,8 +7,12 @@ with NVFlare's own `LazyTensorDict` over safetensors files, as its tensor disk o
 Expected values are computed by hand in float64.
 """
 
+import contextlib
 import copy
 import json
+import logging
+import os
+import subprocess
 import threading
 import time
 
@@ -437,9 +441,10 @@ def pt_persistor(source, app_root, job_id: str) -> tuple[fl_server.QwenPersistor
     return persistor, fl_ctx
 
 
-def run_rounds(source, app_root, rounds, job_id: str, val_losses=None, **optimizer) -> dict:
+def run_rounds(source, app_root, rounds, job_id: str, val_losses=None, after_round=None, **optimizer) -> dict:
     """A run as FedAvg drives it: the aggregator starts, the persistor loads `source`, and each round the sites'
-    updates are accepted, averaged and the result saved. Returns the final global model as saved."""
+    updates are accepted, averaged and the result saved (then `after_round(round)` is called, the save finished).
+    Returns the final global model as saved."""
     persistor, fl_ctx = pt_persistor(source, app_root, job_id)
     aggregator = SampleWeightedFedAvg(**optimizer)
     aggregator.handle_event(EventType.START_RUN, fl_ctx)
@@ -455,7 +460,10 @@ def run_rounds(source, app_root, rounds, job_id: str, val_losses=None, **optimiz
                 model.metrics |= {"val_loss": val_losses[r][i], "val_samples": 10.0 * (i + 1)}
             aggregator.accept_model(model)
         result = aggregator.aggregate_model()
-        persistor.save_model(make_model_learnable(result.params, result.meta), fl_ctx)
+        persistor.save_model(make_model_learnable(result.params, result.meta | {"current_round": r}), fl_ctx)
+        if after_round:
+            persistor.wait_for_save()
+            after_round(r)
     persistor.wait_for_save()
     return torch.load(app_root / "FL_global_model.pt", weights_only=True)["model"]
 
@@ -517,3 +525,63 @@ def test_the_best_model_is_the_global_model_the_sites_scored_best(val_losses, be
         return
     kept = torch.load(app / fl_server.BEST_MODEL_FILE, weights_only=True)["model"]
     assert all(torch.equal(kept[k], models[best][k]) for k in kept)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk, to fill up; skipped where it cannot be mounted (mounting needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"a full disk is a small tmpfs here; mount -t tmpfs failed (root needed): {mount.stderr!r}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk) -> None:
+    """Write to `disk` until it is full (ENOSPC)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, bytes(chunk)):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_keeps_the_last_files_whole_leaves_no_temporary_files_and_says_where(
+    small_disk, tmp_path, caplog, capsys
+):
+    """The disk fills after round 0: round 1's FL_global_model.pt, FL_server_optimizer.pt and site_metrics.json
+    cannot be written. The round still ends (no exception reaches NVFlare), the files hold round 0 whole, no `.tmp`
+    file is left, and the log names the file and the error; job.py's summary sees the model behind the run's last
+    round and exits 1."""
+    import job
+
+    source = tmp_path / "initial.pt"
+    torch.save({"model": {k: v.float() for k, v in weights(0).items()}}, source)
+    rounds = [(r, [(update(2 * r), 1.0), (update(2 * r + 1), 3.0)]) for r in range(2)]
+    settings = {"server_optimizer": "fedavgm", "server_lr": 0.5}
+    after_round_0 = run_rounds(source, tmp_path / "ok", rounds[:1], "ok", **settings)
+    app = small_disk / "app"
+    with caplog.at_level(logging.ERROR):
+        final = run_rounds(source, app, rounds, "full", after_round=lambda r: r == 0 and fill(small_disk), **settings)
+    assert all(torch.equal(final[k], after_round_0[k]) for k in after_round_0)
+    assert torch.load(app / "FL_global_model.pt", weights_only=True)["meta_props"]["current_round"] == 0
+    state = torch.load(app / fl_server.OPTIMIZER_FILE, weights_only=True)
+    assert state["optimizer"] == "fedavgm"
+    assert {r["round"] for r in json.loads((app / fl_server.SITE_METRICS_FILE).read_text())} == {0}
+    assert [f.name for f in app.iterdir() if f.name.endswith(".tmp")] == []
+    for name in ("FL_global_model.pt", fl_server.SITE_METRICS_FILE):
+        assert any(f"could not write {app / name} (" in m and "No space left on device" in m for m in caplog.messages)
+    capsys.readouterr()
+    assert job.report(app, ["site-0", "site-1"], num_rounds=2) == 1
+    err = capsys.readouterr().err
+    assert "the loss plot was not written" in err
+    saved = app / "FL_global_model.pt"
+    assert (
+        f"error: a save failed (the server log says why: search 'could not write'). {saved} holds the model after "
+        f"round 0: continue with --resume_from {saved}"
+    ) in err

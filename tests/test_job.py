@@ -4,13 +4,16 @@ Two jobs are shared by the tests below: 3 sites x 2 rounds where site-3's data i
 job resumed from the first one's global model.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,12 +29,80 @@ SITE_SIZES = {"site-1": 16, "site-2": 8}  # unequal, so a plain mean and a sampl
 PART_MB = 4  # the tiny model's 19 MB token embedding travels in 5 row parts
 
 
-def run_job(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def run_job(*args: str, timeout: float = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "job.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+        [sys.executable, str(ROOT / "job.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=env,
+    )  # fmt: skip
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     return proc
+
+
+def start_job(out: Path, *args: str) -> subprocess.Popen:
+    """`job.py` started in the background, in a session of its own, its console into `out`.stdout/.stderr."""
+    files = [open(out.with_suffix(s), "w") for s in (".stdout", ".stderr")]  # noqa: SIM115 (closed by the child)
+    return subprocess.Popen([sys.executable, str(ROOT / "job.py"), *args], stdout=files[0], stderr=files[1],
+                            text=True, cwd=ROOT, start_new_session=True)  # fmt: skip
+
+
+def finish_job(proc: subprocess.Popen, out: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    proc.wait(timeout=timeout)
+    stdout, stderr = (out.with_suffix(s).read_text() for s in (".stdout", ".stderr"))
+    print(stdout[-3000:], stderr[-3000:])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until `text` is in the file at `path` (a log being written); fails if the job ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text(errors="replace")):
+        assert proc.poll() is None, f"the job ended before {text!r} was in {path}"
+        assert time.monotonic() < deadline, f"no {text!r} in {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+def pids_of(*parts: str) -> list[int]:
+    """The processes whose command line holds every one of `parts`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(part in command for part in parts):
+            found.append(int(proc.name))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (NVFlare's processes each start a session of their own: a process group does not
+    hold them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def trainer_pids(data: Path, site: str) -> list[int]:
+    """The site's client.py processes (torchrun's ranks, not torchrun), found by the site's data folder."""
+    return pids_of("-u custom/client.py", f"--dataset_use {data / site} ")
+
+
+def small_job(data: Path, images: Path, model: Path, workspace: Path, sites: int = 2) -> list[str]:
+    """job.py's flags for a quick job on the tiny model: `sites` sites of `data`, one step a round, no evaluation."""
+    return [
+        "--n_clients", str(sites), "--max_steps", "1", "--eval_every", "0", "--data_dir", str(data),
+        "--image_root", str(images), "--model_name_or_path", str(model), "--learning_rate", "2e-3",
+        "--workspace", str(workspace), "--master_port", str(free_port_base(sites)), f"--train_args={demo_train_args()}",
+    ]  # fmt: skip
 
 
 def downloaded_bytes(log: str) -> list[int]:
@@ -177,12 +248,17 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     # The sites received the global weights to disk, the embedding in row parts, and read them back tensor by
     # tensor (part by part), not into their memory.
     for site in SITE_SIZES:
-        assert f"site={site}: global weights are received to disk" in proc.stdout
+        site_log = (ws / site / "log.txt").read_text()
+        assert f"site={site}: global weights are received to disk" in site_log
         for rnd in (0, 1):
             received = f"site={site} round={rnd}: received {len(global_keys)} tensors ({len(global_keys)} on disk)"
-            assert received in proc.stdout
-            assert f"site={site} round={rnd}: sent {len(update_keys)} tensors" in proc.stdout
+            assert received in site_log
+            assert f"site={site} round={rnd}: sent {len(update_keys)} tensors" in site_log
         assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
+    # The console showed the rounds and each site's result, not NVFlare's detail (which is in the logs).
+    assert "site-1: accepted with weight 16.0" in proc.stdout and "Round 1 started" in proc.stdout
+    assert "GetTaskCommand" not in proc.stdout and "GetTaskCommand" in server_log
+    assert "site=site-1 round=0: received" not in proc.stdout
     # The server serialized each item it sent once for the three sites' downloads (site-3 downloads, then fails).
     shared = f"the sites' downloads were served {3 * n_global_items} tensor items from {n_global_items} serializations"
     assert server_log.count(shared) == 2
@@ -271,7 +347,9 @@ def test_resume_with_two_ranks_per_site(fedavg_run, tmp_path, tiny_model_dir, si
     assert "site=site-1 round=2: rank 1 of 2 trained" in log  # the second torchrun rank (gloo) trained too
     assert "rank 1 local_trainer INFO: rank 1 trained on 8 samples" in log  # the trainer's own logging reaches log.txt
     records = json.loads((server_app(ws) / "site_metrics.json").read_text())
-    assert {r["site"]: r["samples"] for r in records} == {s: float(n) for s, n in SITE_SIZES.items()}
+    assert {r["site"]: r["samples"] for r in records if r["round"] == 2} == {s: float(n) for s, n in SITE_SIZES.items()}
+    # The history goes on: the first run's rounds come first (site-3's failures among them).
+    assert [r["round"] for r in records if r["site"] == "site-3"] == [0, 1]
 
 
 @pytest.mark.slow
@@ -338,7 +416,7 @@ def test_export_writes_per_site_torchrun_commands(tmp_path, tiny_model_dir):
         assert {p.name for p in (app / "custom").iterdir()} >= {"client.py", "local_trainer.py", "model.py"}
         config = json.loads((app / "config" / "config_fed_client.json").read_text())
         command = config["executors"][0]["executor"]["args"]["command"]
-        assert command[:2] == ["env", f"CUDA_VISIBLE_DEVICES={gpus}"]
+        assert command[:2] == ["env", f"CUDA_VISIBLE_DEVICES={gpus}"] and "FL_COLLECTIVE_TIMEOUT=1800" in command
         assert "--nproc_per_node=2" in command and f"--master_port={31000 + i}" in command
         assert f"{tmp_path / 'remote'}/site-{i}" in command
         assert config["submit_task_result_timeout"] >= 600 and config["tensor_min_download_timeout"] >= 600
@@ -360,6 +438,8 @@ def test_missing_site_folder_is_a_clear_error(tmp_path, site_data):
     assert proc.returncode != 0 and "--part_mb -1 is negative" in proc.stderr
     proc = run_job("--n_clients", "2", "--task_request_interval", "0", "--data_dir", str(site_data))
     assert proc.returncode != 0 and "--task_request_interval 0 must be a positive number" in proc.stderr
+    proc = run_job("--n_clients", "2", "--min_sites", "3", "--data_dir", str(site_data))
+    assert proc.returncode != 0 and "--min_sites 3 must be between 1 and --n_clients 2" in proc.stderr
 
 
 @pytest.mark.slow
@@ -572,7 +652,7 @@ def test_a_job_where_no_site_contributed_exits_non_zero_but_an_evaluation_does_n
     it is labelled so and the exit is 1; an --eval_only run (weight 0 by design, every site scored) exits 0."""
     from job import report
 
-    (tmp_path / "FL_global_model.pt").write_bytes(b"")
+    torch.save({"model": {}, "meta_props": {"current_round": 0}}, tmp_path / "FL_global_model.pt")
     failed = {"round": 0, "weight": 0.0, "error": "rank 0: ValueError: no records"}
     cases = {
         "failed": ([{"site": s, **failed} for s in ("site-1", "site-2")], 1),
@@ -607,8 +687,8 @@ def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
     # The rounds continue: the first run's was round 0, so the resumed run's is round 1 (its data order, schedule
     # position and last round follow from that number).
     assert "Resuming after round 0: rounds 1 to 1" in resumed.stdout
-    history = json.loads((server_app(ws / JOB_NAME) / "site_metrics.json").read_text())
-    assert {r["round"] for r in history} == {1} and "round 1 site-1: loss" in resumed.stdout
+    history = json.loads((server_app(ws / JOB_NAME) / "site_metrics.json").read_text())  # the first run's round too
+    assert {r["round"] for r in history} == {0, 1} and "round 1 site-1: loss" in resumed.stdout
     # The resumed run's global model is the file's weights plus the round's sample-weighted average update.
     sites = ("site-1", "site-2")
     sent, weights = sent_updates(ws / JOB_NAME, sites, (1,))
@@ -661,3 +741,131 @@ def test_a_model_the_hub_cannot_give_is_said_at_once(site_data, synthetic_pubmed
             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
         )  # fmt: skip
         assert inference.returncode != 0 and expected in inference.stderr and "Traceback" not in inference.stderr
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_round_is_left_out_down_to_min_sites_and_a_stopped_run_resumes(
+    tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """SIGKILL mid-round. Run A (--min_sites 1): site-2's trainer process is killed in round 0; NVFlare does not start
+    it again, so both rounds average site-1 alone and the run succeeds. Run B resumes from A's model (rounds 2-3,
+    every site needed): site-2's whole client job is killed in round 2; 10 s after site-1 answered (--round_timeout)
+    the round is discarded and the run stops with exit 1, saying so; FL_global_model.pt is still A's model, labelled
+    unchanged, and a rerun resumes it at round 2."""
+    from job import resumed_round
+    from model import Qwen3VLModel
+
+    a = tmp_path / "a"
+    job = start_job(a, *small_job(site_data, synthetic_pubmedvision, tiny_model_dir, a), "--num_rounds", "2",
+                    "--min_sites", "1")  # fmt: skip
+    wait_for(a / JOB_NAME / "site-2" / "log.txt", "site=site-2 round=0: received", job)
+    for pid in trainer_pids(site_data, "site-2"):
+        os.kill(pid, signal.SIGKILL)
+    first = finish_job(job, a)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for rnd in (0, 1):
+        assert f"round {rnd} site-1: loss" in first.stdout
+        assert f"round {rnd} site-2: weight 0 (failed: its trainer process ended without a result" in first.stdout
+    ws = a / JOB_NAME
+    sent, weights = sent_updates(ws, ["site-1"], (0, 1))
+    expected = expected_global(Qwen3VLModel(str(tiny_model_dir)).state_dict(), sent, weights, (0, 1))
+    for key, value in global_weights(ws).items():  # the initial model plus site-1's updates alone
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
+
+    b = tmp_path / "b"
+    job = start_job(b, *small_job(site_data, synthetic_pubmedvision, tiny_model_dir, b), "--num_rounds", "2",
+                    "--round_timeout", "10", "--resume_from", str(server_app(ws) / "FL_global_model.pt"))  # fmt: skip
+    wait_for(b / JOB_NAME / "site-2" / "log.txt", "site=site-2 round=2: received", job)
+    client_job = pids_of("simulator_worker", f"-o {b / JOB_NAME / 'site-2'} ")
+    assert client_job
+    for pid in client_job:
+        os.kill(pid, signal.SIGKILL)
+    second = finish_job(job, b)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert "Resuming after round 1: rounds 2 to 3" in second.stdout
+    late = "round 2 site-2: weight 0 (failed: no result within --round_timeout 10 s of the first site's)"
+    assert late in second.stdout
+    assert "round 2 site-1: weight 0 (failed: round discarded: 1 of 2 sites answered (--min_sites 2))" in second.stdout
+    kept = server_app(b / JOB_NAME) / "FL_global_model.pt"
+    assert (
+        "error: the federation stopped in round 2: fewer than --min_sites sites answered. "
+        f"{kept} holds the model after round 1: continue with --resume_from {kept}"
+    ) in second.stderr
+    assert re.search(r"resumed model, unchanged \(\.pt\)\s+\S+FL_global_model.pt", second.stdout)
+    before = global_weights(ws)
+    assert all(torch.equal(v, before[k]) for k, v in global_weights(b / JOB_NAME).items())
+    assert resumed_round(str(kept)) == 2
+    # The metrics history goes on from A's: its rounds 0 and 1, then round 2 as it failed.
+    history = json.loads((server_app(b / JOB_NAME) / "site_metrics.json").read_text())
+    assert sorted((r["round"], r["site"]) for r in history) == [(rnd, s) for rnd in (0, 1, 2) for s in SITE_SIZES]
+
+
+@pytest.mark.slow
+def test_a_straggler_is_left_out_after_the_round_timeout(tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision):
+    """site-2's trainer hangs (SIGSTOP) in round 0: 10 s after site-1 answered (--round_timeout 10) the round goes on
+    without it (--min_sites 1); woken up, its late result is ignored."""
+    from model import Qwen3VLModel
+
+    job = start_job(tmp_path / "job", *small_job(site_data, synthetic_pubmedvision, tiny_model_dir, tmp_path),
+                    "--num_rounds", "1", "--min_sites", "1", "--round_timeout", "10")  # fmt: skip
+    ws = tmp_path / JOB_NAME
+    wait_for(ws / "site-2" / "log.txt", "site=site-2 round=0: received", job)
+    straggler = trainer_pids(site_data, "site-2")
+    assert straggler
+    for pid in straggler:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(ws / "server" / "log.txt", "site-2: no result in round 0", job)
+    finally:
+        for pid in straggler:
+            os.kill(pid, signal.SIGCONT)
+    done = finish_job(job, tmp_path / "job")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round 0 site-2: weight 0 (failed: no result within --round_timeout 10 s of the first site's)" in done.stdout
+    sent, weights = sent_updates(ws, ["site-1"], (0,))
+    expected = expected_global(Qwen3VLModel(str(tiny_model_dir)).state_dict(), sent, weights, (0,))
+    for key, value in global_weights(ws).items():  # the initial model plus site-1's update alone
+        torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-8, msg=key)
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_a_whole_global_model_and_a_rerun_resumes(
+    tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """The whole job (job.py, the server, the client job and its trainer) SIGKILLed in round 2: FL_global_model.pt,
+    written atomically (temp file, fsync, rename), is a whole checkpoint of round 0 or 1 (the save of round 1 may have
+    been under way); a rerun with --resume_from in the same workspace goes on from the round after it."""
+    ws = tmp_path / "ws"
+    args = small_job(site_data, synthetic_pubmedvision, tiny_model_dir, ws, sites=1)
+    job = start_job(tmp_path / "job", *args, "--num_rounds", "3")
+    wait_for(ws / JOB_NAME / "site-1" / "log.txt", "site=site-1 round=2: received", job)
+    for pid in process_tree(job.pid):  # the server, the client job, its trainer and job.py: the machine is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+    saved = server_app(ws / JOB_NAME) / "FL_global_model.pt"
+    checkpoint = torch.load(saved, weights_only=True)
+    last = checkpoint["meta_props"]["current_round"]
+    assert last in (0, 1) and checkpoint["model"].keys() == global_weights(ws / JOB_NAME).keys()
+    rerun = run_job(*args, "--num_rounds", "1", "--resume_from", str(saved))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"Resuming after round {last}: rounds {last + 1} to {last + 1}" in rerun.stdout
+    assert f"round {last + 1} site-1: loss" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_no_secret_in_the_environment_reaches_the_console_or_the_logs(
+    tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """Keys and tokens in the environment (which the sites' trainers inherit) appear in no console line and in no
+    file the job writes."""
+    marker = "5ec7e7f4k3"
+    secrets = {name: f"{name.lower()}-{marker}" for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY")}
+    ws = tmp_path / "ws"
+    proc = run_job(*small_job(site_data, synthetic_pubmedvision, tiny_model_dir, ws, sites=1), "--num_rounds", "1",
+                   env={**os.environ, **secrets})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker not in proc.stdout + proc.stderr
+    written = [f for f in ws.rglob("*") if f.is_file()]
+    assert any(f.name == "log.txt" for f in written)
+    assert [f for f in written if marker.encode() in f.read_bytes()] == []

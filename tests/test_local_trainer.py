@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from local_trainer import (
+    COLLECTIVE_TIMEOUT_ENV,
     IGNORE_INDEX,
     LocalTrainer,
     PackedCollator,
@@ -1018,3 +1019,35 @@ def test_torch_compile_trains_like_eager(trainer, initial_state):
     # the same update, up to kernel-order rounding: well within its own bf16 rounding, a few values round otherwise
     assert (compiled_update - eager_update).norm() / eager_update.norm() < 2**-8
     assert (compiled_update != eager_update).float().mean() < 1e-2
+
+
+COLLECTIVE_WORKER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from local_trainer import init_distributed
+
+init_distributed()
+if dist.get_rank() == 1:
+    time.sleep(120)  # hung: never joins the all-reduce
+start = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as e:
+    print(f"rank 0 gave up after {time.monotonic() - start:.0f} s: {type(e).__name__}", flush=True)
+    os._exit(3)
+"""
+
+
+def test_a_rank_that_hangs_fails_the_others_collective_after_the_collective_timeout(tmp_path):
+    """init_distributed's process group times collectives out after $FL_COLLECTIVE_TIMEOUT seconds (job.py
+    --collective_timeout): rank 0 gives up on an all-reduce that rank 1 never joins, and torchrun ends the site."""
+    from job import free_port_base
+
+    (tmp_path / "worker.py").write_text(COLLECTIVE_WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port_base(0)}", str(tmp_path / "worker.py"), str(ROOT)]  # fmt: skip
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=100, cwd=tmp_path,
+                          env={**os.environ, COLLECTIVE_TIMEOUT_ENV: "3"})  # fmt: skip
+    assert proc.returncode != 0
+    assert re.search(r"rank 0 gave up after [3-9] s: RuntimeError", proc.stdout), proc.stdout + proc.stderr
