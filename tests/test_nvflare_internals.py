@@ -101,6 +101,24 @@ def test_the_simulator_engine_and_the_persistor_keep_what_fl_server_uses():
     assert not missing, f"PTFileModelPersistor no longer has {missing}: fl_server.QwenPersistor uses them"
 
 
+def test_fedavg_keeps_the_hooks_fault_tolerant_fedavg_overrides():
+    from nvflare.app_common.workflows.fedavg import FedAvg
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+    expected = {
+        FedAvg._accept_train_result: ["client_name", "result", "fl_ctx", "is_unknown_task"],
+        FedAvg._aggregate_one_result: ["result"],
+        FedAvg._get_aggregated_result: [],
+        FedAvg.send_model: ["task_name", "data", "targets", "min_responses", "timeout", "callback"],
+        FedAvgRecipe._create_controller: ["persistor_id", "model_params", "model_aggregator"],
+    }
+    changed = [f.__qualname__ for f, names in expected.items() if parameters(f) != names]
+    assert not changed, f"NVFlare changed {changed}: fl_server.FaultTolerantFedAvg and job.py's recipe override them"
+    broadcast = set(parameters(FedAvg.broadcast_model))
+    assert {"min_responses", "wait_time_after_min_received", "blocking", "callback"} <= broadcast
+    assert "self.send_model(" in inspect.getsource(FedAvg.run), "FedAvg.run no longer sends a round with send_model"
+
+
 @pytest.mark.parametrize("first", ["transport", "nvflare"])
 def test_fobs_keeps_the_first_tensor_decomposer_registered(first, tmp_path):
     """What receive_to_disk and serialize_once_for_all_sites rely on, in a fresh process each time."""
