@@ -520,7 +520,7 @@ def find_outputs(root: Path) -> dict[str, list[Path]]:
         "per-site metrics": sorted(root.rglob("site_metrics.json")),
         "TensorBoard logs": sorted(root.rglob("tb_events")),
         "W&B runs (--wandb)": sorted(root.rglob("wandb/*run-*")),
-        "site and server logs": sorted(root.rglob("log.txt")),
+        "logs (server, each site)": sorted(root.rglob("log.txt")),
     }
 
 
@@ -569,7 +569,7 @@ def report(
     from fl_server import DISCARDED, MEAN
 
     outputs = find_outputs(root)
-    outputs["site and server logs"] += site_logs or []
+    outputs["logs (server, each site)"] += site_logs or []
     contributed = False  # some site trained (weight > 0) or, with --eval_only, scored the model, in some round
     stopped = None  # the round in which too few sites answered (fl_server.FaultTolerantFedAvg)
     if outputs["per-site metrics"]:
