@@ -248,6 +248,12 @@ def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
     )
 
 
+def sent_bytes(result: Any) -> int:
+    """The bytes of the round's update as sent, before compression (0 when there is none)."""
+    update = result.update if result is not None else None
+    return sum(transport.nbytes(v) for v in update.values()) if update else 0
+
+
 def run_rounds(global_model: FLModel) -> int | None:
     """The number of the round after the run's last: `start_round` + `total_rounds` (None if unknown)."""
     if global_model.total_rounds is None:
@@ -293,8 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         tag = f"site={site} round={round_num}:"
         trainer, result, error = train_round(trainer, global_model, round_num, total_rounds, tag, args, train_argv)
         if RANK == 0:
+            size = sent_bytes(result)
+            if size:  # reported per site and round: the site's log, site_metrics.json, TensorBoard
+                result.metrics["sent_bytes"] = float(size)
             out = update_message(result, error, args.part_mb)  # the round's update, or the error
-            print(f"{tag} sent {len(out.params) if result and result.update else 0} tensors", flush=True)
+            print(f"{tag} sent {len(out.params) if size else 0} tensors ({size / 1e6:.2f} MB)", flush=True)
             for key, value in out.metrics.items() if error is None else ():  # TensorBoard/W&B on the server
                 name = key if key.startswith("val_") else f"train_{key}"
                 if math.isfinite(value):
