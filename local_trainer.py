@@ -144,7 +144,12 @@ class TrainConfig:
         default=False,
         metadata={"help": "carry the optimizer state (AdamW moments, step) across rounds: <output_dir>/optimizer*.pt"},
     )
-    peft: str = field(default="none", metadata={"help": "none: full fine-tuning; lora: adapters (lora.py)"})
+    peft: str = field(
+        default="none",
+        metadata={
+            "help": "none: full fine-tuning; lora: adapters (lora.py), --tune_mm_llm ignored, mergers per --tune_mm_mlp"
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "the global adapter's rank (the largest of the sites')"})
     lora_trained_r: int = field(default=0, metadata={"help": "the rank this site trains, <= --lora_r; 0: --lora_r"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha / r"})
@@ -173,7 +178,7 @@ class TrainConfig:
             ),
             "--fedprox_mu must be >= 0": self.fedprox_mu >= 0,
             "--tune_mm_llm, --tune_mm_mlp and --tune_mm_vision are all False: nothing to train": (
-                self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision
+                self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision or self.peft == "lora"
             ),
             "--peft must be none or lora": self.peft in ("none", "lora"),
             "--peft lora does not shard (--fsdp) yet: use DDP": self.peft != "lora" or not self.fsdp,
