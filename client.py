@@ -3,8 +3,9 @@
 NVFlare launches this under torchrun (one torchrun per site). Rank 0 alone talks to the server; it tells the other
 ranks what to do (train round N, or stop) with `broadcast_object_list`, and the trainer broadcasts the received
 weights to them in place. Every rank trains. Rank 0 sends the round's update (`ParamsType.DIFF`: the trainer's fp32
-weights minus the bf16 weights it started from, in bf16, trained parameters only) with metrics the server weighs by
-(`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights, only the error in
+weights minus the bf16 weights it started from, in bf16, trained parameters only; with `--peft lora` the adapter's
+trained tensors in fp32) with metrics the server weighs by (`samples`) and logs (`loss`, `steps`, `seconds`, and
+`sent_bytes`: the update's size before compression). A round that fails on this site sends no weights, only the error in
 its meta, so the average ignores it; the site tries again next round.
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
