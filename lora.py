@@ -113,7 +113,7 @@ def exchanged_parameters(model: torch.nn.Module, settings: LoraSettings) -> dict
 
 
 def trained(key: str, settings: LoraSettings) -> bool:
-    """Whether a site trains (and sends) the global adapter's tensor `key`: B always, A only with naive averaging."""
+    """Whether a site trains (and sends) the global adapter's tensor `key`: B and mergers always, A only if naive."""
     return ".lora_A." not in key or settings.aggregation == "naive"
 
 
