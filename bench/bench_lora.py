@@ -10,7 +10,7 @@ Modes: `full` (the trainer's defaults: LLM and mergers trained), `lora` (exact a
 `lora-naive` (A and B trained).
 
 Usage: python bench/bench_lora.py [--tiny] [--steps 20] [--batch 8] [--lora_r 16] [--modes full,lora,lora-naive]
-       [--compile] [--gc] [--workdir DIR]
+       [--compile] [--gc] [--records 2000] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--modes", default="full,lora,lora-naive", help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--compile", action="store_true", help="torch.compile each layer (the trainer's GPU default)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--records", type=int, default=2000, help="synthetic samples to build (--tiny: 64)")
     ap.add_argument("--workdir", default=None, help="where to build the model and data (default: a temp dir)")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_"))
     max_pixels = 448 * 448
     model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, max_pixels)
-    build_dataset(work / "data", n=64 if args.tiny else 2000, image_size=64 if args.tiny else 448, mixed_sizes=False)
+    build_dataset(work / "data", n=64 if args.tiny else args.records, image_size=64 if args.tiny else 448, mixed_sizes=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": device, "torch": torch.__version__, "tiny": args.tiny}), flush=True)
     base = TrainConfig(
