@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_"))
     max_pixels = 448 * 448
     model_dir = build_model_dir(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"), args.tiny, max_pixels)
-    build_dataset(work / "data", n=64 if args.tiny else args.records, image_size=64 if args.tiny else 448, mixed_sizes=False)
+    build_dataset(
+        work / "data", n=64 if args.tiny else args.records, image_size=64 if args.tiny else 448, mixed_sizes=False
+    )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": device, "torch": torch.__version__, "tiny": args.tiny}), flush=True)
     base = TrainConfig(
