@@ -3,8 +3,9 @@
 NVFlare launches this under torchrun (one torchrun per site). Rank 0 alone talks to the server; it tells the other
 ranks what to do (train round N, or stop) with `broadcast_object_list`, and the trainer broadcasts the received
 weights to them in place. Every rank trains. Rank 0 sends the round's update (`ParamsType.DIFF`: the trainer's fp32
-weights minus the bf16 weights it started from, in bf16, trained parameters only) with metrics the server weighs by
-(`samples`) and logs (`loss`, `steps`, `seconds`). A round that fails on this site sends no weights, only the error in
+weights minus the bf16 weights it started from, in bf16, trained parameters only; with `--peft lora` the adapter's
+trained tensors in fp32) with metrics the server weighs by (`samples`) and logs (`loss`, `steps`, `seconds`, and
+`sent_bytes`: the update's size before compression). A round that fails on this site sends no weights, only the error in
 its meta, so the average ignores it; the site tries again next round.
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
@@ -248,6 +249,12 @@ def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
     )
 
 
+def sent_bytes(result: Any) -> int:
+    """The bytes of the round's update as sent, before compression (0 when there is none)."""
+    update = result.update if result is not None else None
+    return sum(transport.nbytes(v) for v in update.values()) if update else 0
+
+
 def run_rounds(global_model: FLModel) -> int | None:
     """The number of the round after the run's last: `start_round` + `total_rounds` (None if unknown)."""
     if global_model.total_rounds is None:
@@ -305,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         tag = f"site={site} round={round_num}:"
         trainer, result, error = train_round(trainer, global_model, round_num, total_rounds, tag, args, train_argv)
         if RANK == 0:
+            size = sent_bytes(result)
+            if size:  # reported per site and round: the site's log, site_metrics.json, TensorBoard
+                result.metrics["sent_bytes"] = float(size)
             out = update_message(result, error, args.part_mb)  # the round's update, or the error
-            print(f"{tag} sent {len(out.params) if result and result.update else 0} tensors", flush=True)
+            print(f"{tag} sent {len(out.params) if size else 0} tensors ({size / 1e6:.2f} MB)", flush=True)
             for key, value in out.metrics.items() if error is None else ():  # TensorBoard/W&B on the server
                 name = key if key.startswith("val_") else f"train_{key}"
                 if math.isfinite(value):

@@ -58,6 +58,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 import host_memory
 import transport
+from lora import ADAPTER_DIR_NAME, LoraSettings, load_merged, save_adapter
 from model import is_lazy, materialize
 
 SITE_METRICS_FILE = "site_metrics.json"
@@ -75,6 +76,7 @@ MEAN = "weighted mean"  # site_metrics.json: the "site" of a round's weighted va
 VAL_WEIGHTS = {"val_loss": "val_samples", "val_exact_match": "val_generated", "val_token_f1": "val_generated",
                "val_closed_acc": "val_generated"}  # fmt: skip
 VAL_KEYS = (*VAL_WEIGHTS, "val_samples", "val_generated", "val_seconds")
+SENT_BYTES = "sent_bytes"  # a site's metric: the bytes of the update it sent (before compression)
 EVAL_ONLY = "EVAL_ONLY"  # a site's meta: it evaluated the global model and trained nothing (job.py --eval_only)
 # The run's server optimizer by job id: the aggregator holds it, the persistor saves and restores its state.
 _OPTIMIZERS: dict = {}
@@ -229,10 +231,14 @@ class SampleWeightedFedAvg(ModelAggregator):
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float = 1e-3,
         history_file: str | None = None,
+        send_fp32: bool = False,
     ):
         super().__init__()
         host_memory.apply()  # the server's job process reuses its buffers for the sites' multi-GB updates
-        if not transport.serialize_once_for_all_sites(packed=compress_weights, dtype=torch.bfloat16):
+        # The global model goes to the sites in bf16; a LoRA adapter (small) in fp32, as the server holds it.
+        self.send_fp32 = send_fp32
+        dtype = None if send_fp32 else torch.bfloat16
+        if not transport.serialize_once_for_all_sites(packed=compress_weights, dtype=dtype):
             self.logger.warning("another tensor decomposer was registered first: the global model goes as it is held")
         self.weight_key = weight_key
         self.compress_weights = compress_weights  # NVFlare's job config is written from the attributes
@@ -282,7 +288,8 @@ class SampleWeightedFedAvg(ModelAggregator):
         if not error and params and model.params_type != ParamsType.DIFF:
             error = f"sent {model.params_type} weights; this server averages updates (ParamsType.DIFF)"
         record = {"round": model.current_round, "site": site, "weight": 0.0, "error": error}
-        record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds", *VAL_KEYS) if k in metrics})
+        record.update({k: metrics[k] for k in ("loss", "samples", "steps", "seconds", SENT_BYTES, *VAL_KEYS)
+                       if k in metrics})  # fmt: skip
         if not error and not params and meta.get(EVAL_ONLY):
             self.info(f"{site}: evaluated the global model (val_loss {metrics.get('val_loss')}), sent no update")
         elif error or not math.isfinite(weight) or weight <= 0 or not params:
@@ -296,7 +303,8 @@ class SampleWeightedFedAvg(ModelAggregator):
             self._total += weight
             if "loss" in metrics:
                 self._loss_sum += weight * float(metrics["loss"])
-            self.info(f"{site}: accepted with weight {weight} (loss {metrics.get('loss')})")
+            sent = f", sent {metrics[SENT_BYTES] / 1e6:.2f} MB" if SENT_BYTES in metrics else ""
+            self.info(f"{site}: accepted with weight {weight} (loss {metrics.get('loss')}{sent})")
         self._round_records.append(record)
 
     def _add(self, params: dict, weight: float) -> None:
@@ -652,16 +660,20 @@ class QwenPersistor(PTFileModelPersistor):
         source_ckpt_file_full_name: str | None = None,
         hf_dir_name: str = HF_DIR_NAME,
         part_bytes: int = transport.PART_BYTES,
+        lora: dict | None = None,
     ):
+        # With `lora` (lora.LoraSettings' fields) the global model is the adapter (model.Qwen3VLAdapter), not the model
+        held = ("model.Qwen3VLAdapter", {"lora": lora}) if lora else ("model.Qwen3VLModel", {})
         super().__init__(
-            model={"path": "model.Qwen3VLModel", "args": {"model_name_or_path": model_name_or_path}},
+            model={"path": held[0], "args": {"model_name_or_path": model_name_or_path, **held[1]}},
             source_ckpt_file_full_name=source_ckpt_file_full_name,
             allow_numpy_conversion=False,  # bf16 has no NumPy dtype
             load_device="cpu",
         )
         self.model_name_or_path = model_name_or_path
         self.hf_dir_name = hf_dir_name
-        self.part_bytes = part_bytes  # the global model goes to the sites with larger tensors in row parts
+        self.part_bytes = part_bytes
+        self.lora = lora  # the global model goes to the sites with larger tensors in row parts
         self._saver: threading.Thread | None = None
         self._saved = False  # whether the last save wrote FL_global_model.pt
 
@@ -750,7 +762,7 @@ class QwenPersistor(PTFileModelPersistor):
             self._start_save(optimizer)  # the initial model: the one round 0's val_loss scores
         # The global model now lives in the persistence manager (and the controller); the module's own tensors would
         # be a stale bf16 copy. Keep only its structure: export_hf puts the weights back.
-        if self.model is not None:
+        if self.model is not None and not self.lora:
             self.model = self.model.to("meta")
             self.model.model.tie_weights()  # .to() gives each module its own meta copy of a shared weight
         return learnable
@@ -781,24 +793,37 @@ class QwenPersistor(PTFileModelPersistor):
         super().handle_event(event, fl_ctx)
         if event == EventType.END_RUN and self.persistence_manager is not None:
             try:
+                if self.lora:
+                    adapter = self.export_adapter(Path(self.log_dir) / ADAPTER_DIR_NAME)
+                    self.log_info(fl_ctx, f"global adapter exported in PEFT's format: {adapter}")
                 path = self.export_hf(Path(self.log_dir) / self.hf_dir_name)
                 self.log_info(fl_ctx, f"global model exported as a Hugging Face directory: {path}")
             except Exception as e:  # the .pt checkpoint is already safe; report and let the run end
                 self.log_exception(fl_ctx, f"Hugging Face export failed: {e}")
 
+    def export_adapter(self, output_dir: Path) -> Path:
+        """Write the global adapter (fp32) as a PEFT folder that `PeftModel.from_pretrained(base, output_dir)` loads."""
+        settings = LoraSettings(**self.lora)
+        return save_adapter(self.persistence_manager.var_dict, settings, self.model_name_or_path, output_dir)
+
     def export_hf(self, output_dir: Path) -> Path:
-        """Write the global model's bf16 rounding with the base model's config and processor to `output_dir`."""
+        """Write the global model's bf16 rounding with the base model's config and processor to `output_dir`; with
+        LoRA, the base model with the global adapter (`export_adapter`, written first) merged in fp32, then rounded."""
         from transformers import AutoProcessor
 
-        weights = {
-            k: v.to(torch.bfloat16) if v.is_floating_point() else v
-            for k, v in self.persistence_manager.var_dict.items()
-        }
-        self.model.load_state_dict(weights, assign=True)
         tmp = output_dir.with_name(output_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.model.model.save_pretrained(tmp)
+            if self.lora:
+                adapter = output_dir.with_name(ADAPTER_DIR_NAME)
+                load_merged(self.model_name_or_path, adapter, torch.bfloat16).save_pretrained(tmp)
+            else:
+                weights = {
+                    k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                    for k, v in self.persistence_manager.var_dict.items()
+                }
+                self.model.load_state_dict(weights, assign=True)
+                self.model.model.save_pretrained(tmp)
             AutoProcessor.from_pretrained(self.model_name_or_path).save_pretrained(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no part-written folder behind

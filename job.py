@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import host_memory
+from lora import ADAPTER_DIR_NAME, AGGREGATIONS, DEFAULT_TARGETS, PEFT_PREFIX
 
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "qwen3-vl"
@@ -32,9 +33,10 @@ DEFAULT_WORKSPACE = "/tmp/nvflare/simulation"
 DEFAULT_MASTER_PORT = 29500  # prod and export: the sites' machines, whose free ports this one cannot know
 # Files each site needs next to client.py (qwen_official.py only when it exists).
 CLIENT_FILES = (
-    "local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "transport.py", "qwen_official.py"
+    "local_trainer.py", "varlen_attention.py", "model.py", "host_memory.py", "transport.py", "qwen_official.py",
+    "lora.py",
 )  # fmt: skip
-SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py", "transport.py")
+SERVER_FILES = ("fl_server.py", "model.py", "host_memory.py", "transport.py", "lora.py")
 # NVFlare's comm setting `allow_adhoc_conns` as its processes read it from the environment (see --adhoc_connections).
 ADHOC_ENV = "NVFLARE_ALLOW_ADHOC_CONNS"
 # Small batches and images, and fp32 without gradient checkpointing: bf16 autocast is ~3x slower on CPU.
@@ -143,6 +145,25 @@ def define_parser() -> argparse.ArgumentParser:
         "--eval_only", action="store_true",
         help="one round that scores the model (--resume_from, else --model_name_or_path) on every site's val.json, "
         "training nothing",
+    )  # fmt: skip
+    lo = p.add_argument_group(
+        "LoRA (--peft lora): the sites train adapters on the language model and send only those (lora.py)"
+    )
+    lo.add_argument("--peft", choices=("none", "lora"), default="none", help="none: full fine-tuning; lora: adapters")
+    lo.add_argument(
+        "--lora_r", default="16",
+        help="adapter rank; a comma list gives each site its own (site-1 first): the global adapter has the largest",
+    )  # fmt: skip
+    lo.add_argument("--lora_alpha", type=float, default=32.0, help="scale alpha / r (r: the global adapter's rank)")
+    lo.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    lo.add_argument(
+        "--lora_target_modules", default=DEFAULT_TARGETS,
+        help="layer names of the language model (comma list), or a regex over module names",
+    )  # fmt: skip
+    lo.add_argument(
+        "--lora_aggregation", choices=AGGREGATIONS, default="exact",
+        help="exact: A shared and frozen, B trained (FFA-LoRA): the average of B is the average of the sites' "
+        "B*A; naive: A and B trained and averaged separately (for comparison)",
     )  # fmt: skip
     t = p.add_argument_group("timeouts (seconds; sized for a 4.3 GB bf16 state dict)")
     t.add_argument(
@@ -253,7 +274,57 @@ def site_path(args: argparse.Namespace, path: str) -> str:
     return str(Path(path).resolve()) if runs_here(args) else path
 
 
-def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
+def lora_ranks(args: argparse.Namespace) -> list[int]:
+    """Each site's LoRA rank (`--lora_r`: one for all, or one per site)."""
+    try:
+        ranks = [int(r) for r in args.lora_r.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --lora_r {args.lora_r!r}: a rank, or one per site, e.g. 8,16,16") from None
+    if len(ranks) == 1:
+        ranks *= args.n_clients
+    if len(ranks) != args.n_clients or min(ranks) < 1:
+        raise SystemExit(f"error: --lora_r {args.lora_r!r}: give one rank >= 1, or one per site ({args.n_clients})")
+    return ranks
+
+
+def train_flag(train_args: str, name: str) -> str | None:
+    """The last value `--train_args` gives the trainer flag `--name` (a bare boolean flag: "True"), or None."""
+    value, words = None, shlex.split(train_args)
+    for i, word in enumerate(words):
+        if word == f"--{name}":
+            follows = words[i + 1] if i + 1 < len(words) else "--"
+            value = "True" if follows.startswith("--") else follows
+        elif word.startswith(f"--{name}="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def lora_settings(args: argparse.Namespace) -> dict | None:
+    """The global adapter's settings (lora.LoraSettings' fields) for the server, or None without --peft lora. The
+    mergers are trained fully only if --train_args says --tune_mm_mlp True (they would add 400 MB fp32 for 2B)."""
+    if args.peft != "lora":
+        return None
+    mergers = (train_flag(args.train_args, "tune_mm_mlp") or "False").lower() in ("true", "1", "yes")
+    return {
+        "r": max(lora_ranks(args)), "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+        "target_modules": args.lora_target_modules, "aggregation": args.lora_aggregation, "train_mergers": mergers,
+    }  # fmt: skip
+
+
+def site_lora_args(args: argparse.Namespace, index: int) -> list[str]:
+    """The trainer flags of site `index` (from 0) for --peft lora: the global adapter's, and its own rank."""
+    lora = lora_settings(args)
+    if lora is None:
+        return []
+    return [
+        "--peft", "lora", "--lora_r", str(lora["r"]), "--lora_trained_r", str(lora_ranks(args)[index]),
+        "--lora_alpha", f"{args.lora_alpha:g}", "--lora_dropout", f"{args.lora_dropout:g}",
+        "--lora_target_modules", args.lora_target_modules, "--lora_aggregation", args.lora_aggregation,
+        "--tune_mm_mlp", str(lora["train_mergers"]),
+    ]  # fmt: skip
+
+
+def site_train_args(args: argparse.Namespace, site_dir: str, index: int = 0) -> str:
     schedule = ["--max_steps", str(args.max_steps)] if args.max_steps else ["--num_train_epochs", "1"]
     flags = [
         "--trainer", args.trainer,
@@ -269,6 +340,7 @@ def site_train_args(args: argparse.Namespace, site_dir: str) -> str:
         "--eval_samples", str(args.eval_samples),
         "--eval_max_new_tokens", str(args.eval_max_new_tokens),
         *(["--eval_only"] if args.eval_only else []),
+        *site_lora_args(args, index),
     ]  # fmt: skip
     return shlex.join(flags) + (" " + args.train_args if args.train_args else "")
 
@@ -378,9 +450,10 @@ def keep_resume_source(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def resumed_round(checkpoint: str | None) -> int:
+def resumed_round(checkpoint: str | None, peft: str = "none") -> int:
     """The round a run resumed from `checkpoint` starts at: the one after the round that wrote it (0 if unknown).
-    Only the file's metadata is read (mapped, not loaded): the 2B fp32 model is 8.5 GB."""
+    Only the file's metadata is read (mapped, not loaded): the 2B fp32 model is 8.5 GB. A LoRA adapter's checkpoint
+    resumes only with --peft lora, a whole model's only without."""
     if not checkpoint or not Path(checkpoint).is_file():
         return 0
     import torch
@@ -389,6 +462,11 @@ def resumed_round(checkpoint: str | None) -> int:
         data = torch.load(checkpoint, weights_only=True, mmap=True, map_location="cpu")
     except Exception as err:  # torch raises several types for bad or unsafe files; all mean "not loadable"
         raise SystemExit(f"error: --resume_from {checkpoint} is not a weights-only torch checkpoint: {err}") from None
+    weights = (data.get("model") if isinstance(data, dict) else None) or {}
+    adapter = any(str(k).startswith(PEFT_PREFIX) for k in weights)
+    if weights and adapter != (peft == "lora"):
+        held = "a LoRA adapter: add --peft lora" if adapter else "a whole model, not a LoRA adapter: leave --peft out"
+        raise SystemExit(f"error: --resume_from {checkpoint} holds {held}")
     meta = (data.get("meta_props") if isinstance(data, dict) else None) or {}
     last = meta.get("current_round")
     return last + 1 if isinstance(last, int) and last >= 0 else 0
@@ -418,7 +496,8 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
                 ignore_result_error=True,  # a site whose trainer died is left out, not the run aborted
             )  # fmt: skip
 
-    start_round = args.start_round = 0 if args.eval_only else resumed_round(resume)
+    start_round = args.start_round = 0 if args.eval_only else resumed_round(resume, args.peft)
+    lora = lora_settings(args)
     if start_round:
         print(f"Resuming after round {start_round - 1}: rounds {start_round} to {start_round + args.num_rounds - 1}")
     recipe = ResumingFedAvgRecipe(
@@ -426,7 +505,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         min_clients=args.n_clients,
         num_rounds=args.num_rounds,
         model_persistor=QwenPersistor(
-            args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20)
+            args.model_name_or_path, source_ckpt_file_full_name=resume, part_bytes=int(args.part_mb * 2**20), lora=lora
         ),
         aggregator=SampleWeightedFedAvg(
             compress_weights=args.compress_weights,
@@ -436,6 +515,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
             server_betas=args.server_betas,
             server_eps=args.server_eps,
             history_file=str(Path(resume).with_name(SITE_METRICS_FILE)) if resume else None,
+            send_fp32=lora is not None,  # the adapter travels in fp32 both ways
         ),
         train_script=str(HERE / "client.py"),
         launch_external_process=True,
@@ -455,7 +535,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
     for i, ((name, folder), devices) in enumerate(zip(sites.items(), site_devices(args), strict=True), start=1):
         nproc = len(devices.split(",")) if devices else args.nproc_per_client
         command = site_command(i, devices, nproc, args)
-        per_site[name] = {"train_args": site_train_args(args, folder), "command": command}
+        per_site[name] = {"train_args": site_train_args(args, folder, i - 1), "command": command}
     set_per_site_config(recipe, per_site)
     for file in CLIENT_FILES:
         if (HERE / file).exists():
@@ -517,6 +597,7 @@ def find_outputs(root: Path) -> dict[str, list[Path]]:
         "global model (.pt)": sorted(root.rglob("FL_global_model.pt")),
         "best global model by val_loss (.pt)": sorted(root.rglob("FL_best_model.pt")),
         "global model (Hugging Face dir)": sorted(p.parent for p in root.rglob("hf_global_model/config.json")),
+        "global LoRA adapter (PEFT dir)": sorted(p.parent for p in root.rglob(f"{ADAPTER_DIR_NAME}/adapter_*.json")),
         "per-site metrics": sorted(root.rglob("site_metrics.json")),
         "TensorBoard logs": sorted(root.rglob("tb_events")),
         "W&B runs (--wandb)": sorted(root.rglob("wandb/*run-*")),
@@ -590,7 +671,8 @@ def report(
                     stopped = rnd if str(r.get("error")).startswith(DISCARDED) else stopped
                     contributed |= r["weight"] > 0 or evaluated_only
                 failure = f"weight 0 (failed: {str(r.get('error'))[:160]})"
-                status = f"loss {r['loss']:.4f}, weight {r['weight']:g}" if r["weight"] else failure
+                sent = f", sent {r['sent_bytes'] / 1e6:.2f} MB" if "sent_bytes" in r else ""
+                status = f"loss {r['loss']:.4f}, weight {r['weight']:g}{sent}" if r["weight"] else failure
                 line = "; ".join(filter(None, ["evaluated" if evaluated_only else status, scores(r)]))
                 print(f"  round {rnd} {site}: {line}")
             if MEAN in got:
@@ -631,6 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     args = define_parser().parse_args(argv)
     if args.demo:
         prepare_demo(args)
+    if args.peft == "lora" and args.trainer == "qwen":
+        from qwen_official import PEFT_UNSUPPORTED
+
+        raise SystemExit(f"error: {PEFT_UNSUPPORTED}")
+    if args.peft == "lora":
+        lora_ranks(args)  # a bad --lora_r is named before anything runs
     if args.eval_only and (args.num_rounds or 1) != 1:
         raise SystemExit("error: --eval_only scores the model in one round; leave --num_rounds out")
     args.num_rounds = 1 if args.eval_only else args.num_rounds or (2 if args.demo else 3)

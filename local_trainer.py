@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+import lora
 import varlen_attention
 from model import (
     DEFAULT_MODEL,
@@ -145,6 +146,23 @@ class TrainConfig:
         default=False,
         metadata={"help": "carry the optimizer state (AdamW moments, step) across rounds: <output_dir>/optimizer*.pt"},
     )
+    peft: str = field(
+        default="none",
+        metadata={
+            "help": "none: full fine-tuning; lora: adapters (lora.py), --tune_mm_llm ignored, mergers per --tune_mm_mlp"
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "the global adapter's rank (the largest of the sites')"})
+    lora_trained_r: int = field(default=0, metadata={"help": "the rank this site trains, <= --lora_r; 0: --lora_r"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale alpha / r"})
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(
+        default=lora.DEFAULT_TARGETS,
+        metadata={"help": "layer names of the language model (comma list), or a regex over module names"},
+    )
+    lora_aggregation: str = field(
+        default="exact", metadata={"help": "exact: A frozen, B trained (FFA-LoRA); naive: A and B trained"}
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -162,12 +180,28 @@ class TrainConfig:
             ),
             "--fedprox_mu must be >= 0": self.fedprox_mu >= 0,
             "--tune_mm_llm, --tune_mm_mlp and --tune_mm_vision are all False: nothing to train": (
-                self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision
+                self.tune_mm_llm or self.tune_mm_mlp or self.tune_mm_vision or self.peft == "lora"
+            ),
+            "--peft must be none or lora": self.peft in ("none", "lora"),
+            "--peft lora does not shard (--fsdp) yet: use DDP": self.peft != "lora" or not self.fsdp,
+            "--peft lora with --tune_mm_vision: put adapters on the vision tower with --lora_target_modules instead": (
+                self.peft != "lora" or not self.tune_mm_vision
             ),
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:
             raise ValueError("; ".join(failed))
+        if self.peft == "lora":
+            self.lora_settings()  # checks the LoRA flags
+
+    def lora_settings(self) -> lora.LoraSettings | None:
+        """The LoRA of `--peft lora` (mergers fully trained with --tune_mm_mlp), or None for full fine-tuning."""
+        if self.peft != "lora":
+            return None
+        return lora.LoraSettings(
+            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=self.lora_target_modules,
+            aggregation=self.lora_aggregation, trained_r=self.lora_trained_r, train_mergers=self.tune_mm_mlp,
+        )  # fmt: skip
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
@@ -738,6 +772,13 @@ class LocalTrainer:
             config.model_name_or_path, dtype=torch.float32, attn_implementation=attention, **sharding
         )
         self.model.config.use_cache = self.model.config.text_config.use_cache = False
+        self.lora = config.lora_settings()
+        if self.lora:  # before compiling: the adapters are part of each compiled layer
+            lora.add_adapters(self.model, self.lora)
+            sizes = {key: p.numel() for key, p in self._exchanged().items() if lora.trained(key, self.lora)}
+            logger.info("LoRA rank %d (this site trains %d), %s: %d tensors, %d parameters trained and sent (%.1f MB "
+                        "fp32)", self.lora.r, self.lora.rank, self.lora.aggregation, len(sizes), sum(sizes.values()),
+                        4e-6 * sum(sizes.values()))  # fmt: skip
         if config.padding_free:
             varlen_attention.use_in_vision_tower(self.model)
         if config.torch_compile:  # per block: small graphs, compiled once for the whole job, dynamic sequence length
@@ -756,7 +797,7 @@ class LocalTrainer:
         never holds the whole state. Under FSDP rank 0's tensors are broadcast and each rank keeps its shard; `None`
         keeps the loaded weights.
         """
-        params = untied_state_dict(self.model)  # under FSDP: shards (DTensors) with the full shapes
+        params = self._exchanged()  # under FSDP: shards (DTensors) with the full shapes
         problem = self._misfit(global_state, params) if self.rank == 0 and global_state is not None else ""
         given = global_state is not None
         if self.world_size > 1:  # every rank learns of a bad state, so none is left waiting in a broadcast
@@ -789,6 +830,11 @@ class LocalTrainer:
         # strict=False: _misfit has checked the keys, and a tied lm_head loads through the embedding it shares
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(self.model, state, options=options)
+
+    def _exchanged(self) -> dict[str, torch.Tensor]:
+        """What the server and this site exchange, by key: the whole model (HF keys, no tied lm_head copy), or with
+        LoRA the global adapter's tensors (PEFT keys: A, B, and the mergers when trained), fp32."""
+        return lora.exchanged_parameters(self.model, self.lora) if self.lora else untied_state_dict(self.model)
 
     @staticmethod
     def _misfit(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str:
@@ -832,8 +878,11 @@ class LocalTrainer:
         round_num = self.round if round_num is None else round_num
         self._receive(global_state, release_global_state)
         validation = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens) if evaluate_on else {}
-        set_trainable(self.model, self.config)  # under FSDP the first round's choice stays: FSDP2 fixes it at 1st use
-        started_from = self._trained_weights_bf16()
+        if self.lora:
+            lora.set_trainable(self.model, self.lora)
+        else:
+            set_trainable(self.model, self.config)  # under FSDP the 1st round's choice stays: FSDP2 fixes it at 1st use
+        started_from = self._lora_start() if self.lora else self._trained_weights_bf16()
         trainer = self._round_trainer(round_num, total_rounds)
         try:
             output = trainer.train()
@@ -865,7 +914,8 @@ class LocalTrainer:
             **validation,
             "seconds": time.perf_counter() - start,
         }
-        return TrainResult(update=self._update_since(started_from), metrics=metrics)
+        update = self._lora_update(started_from) if self.lora else self._update_since(started_from)
+        return TrainResult(update=update, metrics=metrics)
 
     def _receive(self, global_state: dict[str, torch.Tensor] | None, release: bool) -> None:
         """Load the global weights; with `release`, empty the dict once they are in (its host copy is freed)."""
@@ -1033,6 +1083,21 @@ class LocalTrainer:
         with torch.no_grad():  # copy_ rounds the fp32 difference once, to nearest; made one by one as gathered
             return self._gathered(rounded)
 
+    def _lora_start(self) -> dict[str, torch.Tensor]:
+        """An fp32 copy of the adapter's trained tensors as the round starts (the received global adapter)."""
+        return {k: p.detach().clone() for k, p in self._exchanged().items() if p.requires_grad}
+
+    @torch.no_grad()
+    def _lora_update(self, started_from: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's trained tensors now minus `started_from`, fp32 (small: no rounding), zero beyond this site's
+        rank (`lora.rank_mask`)."""
+        params, update = self._exchanged(), {}
+        for key, start in started_from.items():
+            delta = start.neg_().add_(params[key])
+            mask = lora.rank_mask(key, delta.shape, self.lora)
+            update[key] = delta if mask is None else delta.mul_(mask.to(delta.device))
+        return update
+
     def _release(self, trainer) -> None:
         """Free the round's optimizer state and undo the round's activation checkpointing, so rounds do not pile up."""
         trainer.accelerator.free_memory()
@@ -1049,8 +1114,11 @@ class LocalTrainer:
 
         Unsharded, the tensors stay on the model's device: NVFlare and safetensors copy each to the host as they
         send or write it, so the host never holds the whole 4.26 GB (2B) result. Under FSDP this is collective (call
-        it on every rank): rank 0 gets the weights (CPU), the other ranks None (`_gathered`).
+        it on every rank): rank 0 gets the weights (CPU), the other ranks None (`_gathered`). With LoRA: the global
+        adapter's tensors (PEFT keys), fp32.
         """
+        if self.lora:
+            return {key: p.detach().clone() for key, p in self._exchanged().items()}
         with torch.no_grad():
             params = untied_state_dict(self.model).items()
             return self._gathered((key, value.detach().to(torch.bfloat16, copy=True)) for key, value in params)
@@ -1071,9 +1139,14 @@ class LocalTrainer:
     def save_checkpoint(self, output_dir: str) -> None:
         """Write the current weights as a Hugging Face directory (bf16 safetensors, config, processor) on rank 0.
 
-        Call it on every rank: under FSDP gathering the weights takes them all; the other ranks write nothing.
+        Call it on every rank: under FSDP gathering the weights takes them all; the other ranks write nothing. With
+        LoRA: the adapter as a PEFT folder (`PeftModel.from_pretrained(base, output_dir)` loads it).
         """
         state = self.state_dict()
+        if self.lora:
+            if self.rank == 0:
+                lora.save_adapter(state, self.lora, self.config.model_name_or_path, Path(output_dir))
+            return
         if self.rank != 0:
             return
         config = self.model.config

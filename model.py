@@ -159,6 +159,36 @@ class Qwen3VLModel(torch.nn.Module):
         return result
 
 
+class Qwen3VLAdapter(torch.nn.Module):
+    """The global LoRA adapter as the FL server holds it (`lora.initial_adapter`: PEFT keys, fp32). Only the base
+    model's structure is built (on the meta device, no weights read), unless the mergers are trained: then their
+    base weights are the adapter's start, and the base model is loaded once."""
+
+    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, lora: dict | None = None):
+        super().__init__()
+        from lora import LoraSettings, initial_adapter
+
+        self.model_name_or_path = model_name_or_path
+        settings = LoraSettings(**(lora or {}))
+        if settings.train_mergers:
+            base = load_hf_model(model_name_or_path, dtype=torch.bfloat16)
+        else:
+            from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+            with torch.device("meta"):
+                base = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model_name_or_path))
+        self.adapter = initial_adapter(base, settings)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: D102 - the adapter's tensors
+        return dict(self.adapter)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict and state_dict.keys() != self.adapter.keys():
+            raise RuntimeError(f"state dict is not this adapter's: {len(state_dict.keys() ^ self.adapter.keys())} keys "
+                               "differ (another --lora_r, --lora_target_modules or --tune_mm_mlp?)")  # fmt: skip
+        self.adapter = dict(state_dict)
+
+
 # --------------------------------------------------------------------------------------------- tiny model
 
 

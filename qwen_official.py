@@ -42,6 +42,12 @@ ROUND_OUTPUT_DIRNAME = "output"
 # Files of a model folder that are not weights: config, generation config and the processor's files.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 TIED_LM_HEAD = "lm_head.weight"
+PEFT_UNSUPPORTED = (
+    "--peft lora runs in the built-in trainer only (--trainer builtin). Qwen's train_qwen.py --lora_enable (where "
+    "its version has it) "
+    "hard-codes its target layers (q/k/v/o_proj), initialises a fresh adapter with A trained on each site, and saves "
+    "the whole model: the global adapter cannot be passed in, and A cannot be shared and frozen for exact averaging"
+)
 
 
 class OfficialCodeError(RuntimeError):
@@ -315,6 +321,8 @@ class QwenOfficialTrainer:
     """One FL round = one call of the official `train_qwen.train()` on this site's shard (every torchrun rank)."""
 
     def __init__(self, config: TrainConfig) -> None:
+        if config.peft != "none":
+            raise OfficialCodeError(PEFT_UNSUPPORTED)
         site_json = Path(config.dataset_use) / "train.json"
         if not site_json.is_file():
             raise OfficialCodeError(f"--trainer qwen reads {site_json}: --dataset_use must be a site folder with one")

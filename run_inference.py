@@ -1,7 +1,9 @@
 """Answer PubMedVision-style questions with a Qwen3-VL model, optionally next to a second one, and score the answers.
 
 The model is a Hugging Face Hub ID, a Hugging Face directory (a trainer checkpoint or the job's exported global
-model), or the NVFlare server's `FL_global_model.pt` (architecture and processor then come from `--base_model`).
+model), the NVFlare server's `FL_global_model.pt` (architecture and processor then come from `--base_model`), or a
+PEFT LoRA adapter folder (`--peft lora`'s `global_adapter/`, or a site's checkpoint): loaded onto the base model the
+adapter names (else `--base_model`) and merged into it in fp32.
 With `--compare`, a second model answers the same samples, so a base and a fine-tuned model can be read side by side.
 
 Without --data_file it scores prepare_data.py's held-out ./data/test.json, or, when there is none, the training
@@ -154,10 +156,13 @@ def load_images(sample: Sample) -> list:
 
 
 def model_kind(model_path: str) -> str:
-    """'checkpoint' (a server .pt file), 'directory' (a Hugging Face folder) or 'hub' (a Hub ID)."""
+    """'checkpoint' (a server .pt file), 'adapter' (a PEFT adapter folder), 'directory' (a Hugging Face folder) or
+    'hub' (a Hub ID)."""
     path = Path(model_path)
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
         return "checkpoint"
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return "adapter"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{model_path} is a directory but not a Hugging Face model (no config.json in it)")
@@ -243,8 +248,16 @@ def load_processor(source: str, min_pixels: int, max_pixels: int):
 def load_model(model_path: str, base_model: str, device: str, dtype: torch.dtype, min_pixels: int, max_pixels: int):
     """(model, processor) for any of the three kinds of `model_path`, in eval mode on `device`."""
     kind = model_kind(model_path)
-    if kind == "checkpoint":
+    if kind == "adapter":
+        from lora import adapter_base_model, load_merged
+
+        base = adapter_base_model(model_path) or base_model
+        model = _from_hub(lambda name: load_merged(name, model_path, dtype), base, "adapter's base model")
+        processor_source = base
+    elif kind == "checkpoint":
         state = read_checkpoint(model_path)
+        if any(key.startswith("base_model.model.") for key in state):  # lora.PEFT_PREFIX
+            raise UserError(f"{model_path} holds a LoRA adapter (--peft lora): pass the global_adapter/ beside it")
         model = _from_hub(lambda name: load_hf_model(name, dtype=dtype), base_model, "base model")
         apply_checkpoint(model, state, model_path, base_model)
         processor_source = base_model
