@@ -591,6 +591,9 @@ def quiet_log_config(workspace: Path) -> str:
 # ------------------------------------------------------------------------------------------ results
 
 
+OPTIONAL_OUTPUTS = ("best global model by val_loss (.pt)", "global LoRA adapter (PEFT dir)", "W&B runs (--wandb)")
+
+
 def find_outputs(root: Path) -> dict[str, list[Path]]:
     """Everything worth pointing at under a finished job's workspace (simulator) or downloaded result."""
     return {
@@ -679,7 +682,7 @@ def report(
                 best = " (the best: FL_best_model.pt)" if got[MEAN].get("best") else ""
                 print(f"  round {rnd} the model the sites received, weighted mean: {scores(got[MEAN])}{best}")
         if failed:
-            print("  A failed site sends no weights; its log says why (search 'site training failed').")
+            print("  A failed site sends no weights; its log says why (search 'site training failed' or 'could not').")
     model = next(iter(outputs["global model (.pt)"]), None)
     if not contributed:  # what was written is the model the run started from
         untrained = "resumed model, unchanged" if start_round else "initial model, untrained: no site contributed"
@@ -687,7 +690,7 @@ def report(
                    for k, v in outputs.items()}  # fmt: skip
     print(f"\nResults under {root}:")
     for what, paths in outputs.items():
-        if what.endswith("(--wandb)") and not paths:
+        if what in OPTIONAL_OUTPUTS and not paths:  # not asked for (no evaluation, no LoRA, no W&B)
             continue
         for p in paths or ["(none found)"]:
             print(f"  {what:32s} {p}")

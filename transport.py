@@ -60,6 +60,7 @@ import functools
 import json
 import os
 import struct
+import sys
 import tempfile
 import threading
 import weakref
@@ -591,9 +592,12 @@ class GroupedTensorDecomposer(TensorDecomposer):
             download_object(from_fqcn=from_fqcn, ref_id=ref_id, per_request_timeout=per_request_timeout, cell=cell,
                             consumer=Unpacking(inner), secure=secure, optional=optional, abort_signal=abort_signal,
                             progress_cb=progress_cb)  # fmt: skip
-        except Exception:
+        except Exception as e:
             if use_disk:
-                inner.cleanup()
+                inner.cleanup()  # no part-written files are left behind
+                if isinstance(e, OSError):  # else only NVFlare's traceback would say it, deep in the log
+                    print(f"could not store the received weights in {root_dir} ({e}); free space there (a site's "
+                          "--work_dir, the server's $TMPDIR)", file=sys.stderr, flush=True)  # fmt: skip
             raise
         if not use_disk:
             return inner.error, inner.result

@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny Qwen3-VL (real tokenizer and chat template) built once per test session."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def synthetic_pubmedvision(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("PubMedVision")
     write_dataset(root, num_records=120, seed=0)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk, to fill up; skipped where it cannot be mounted (mounting needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"a full disk is a small tmpfs here; mount -t tmpfs failed (root needed): {mount.stderr!r}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)

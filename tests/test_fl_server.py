@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 
@@ -525,18 +524,6 @@ def test_the_best_model_is_the_global_model_the_sites_scored_best(val_losses, be
         return
     kept = torch.load(app / fl_server.BEST_MODEL_FILE, weights_only=True)["model"]
     assert all(torch.equal(kept[k], models[best][k]) for k in kept)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs at tmp_path/disk, to fill up; skipped where it cannot be mounted (mounting needs root)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mount.returncode:
-        pytest.skip(f"a full disk is a small tmpfs here; mount -t tmpfs failed (root needed): {mount.stderr!r}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def fill(disk) -> None:

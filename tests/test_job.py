@@ -854,6 +854,31 @@ def test_a_killed_server_leaves_a_whole_global_model_and_a_rerun_resumes(
 
 
 @pytest.mark.slow
+def test_a_site_whose_disk_fills_while_receiving_fails_the_round_and_says_where(
+    tmp_path, small_disk, tiny_model_dir, site_data, synthetic_pubmedvision
+):
+    """The sites receive the global model into their --work_dir, here a 1 MiB disk the tiny model does not fit: each
+    site's log says what could not be stored where, nothing part-written is left there, the run stops with exit 1
+    and the initial FL_global_model.pt is kept whole, labelled untrained."""
+    args = small_job(site_data, synthetic_pubmedvision, tiny_model_dir, tmp_path)
+    args[-1] += f" --work_dir {small_disk}"  # --train_args, every site's
+    done = run_job(*args, "--num_rounds", "1", "--round_timeout", "30")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    for site in SITE_SIZES:
+        assert f"round 0 {site}: weight 0 (failed:" in done.stdout
+        log = (tmp_path / JOB_NAME / site / "log.txt").read_text()
+        assert f"could not store the received weights in {small_disk / 'received'}" in log
+        assert "No space left on device" in log
+    assert "search 'site training failed' or 'could not'" in done.stdout
+    assert [p for p in (small_disk / "received").rglob("*") if p.is_file()] == []
+    assert re.search(r"initial model, untrained: no site contributed \(\.pt\)\s+\S+FL_global_model.pt", done.stdout)
+    from model import Qwen3VLModel
+
+    initial, final = Qwen3VLModel(str(tiny_model_dir)).state_dict(), global_weights(tmp_path / JOB_NAME)
+    assert initial.keys() == final.keys() and all(torch.equal(initial[k].float(), final[k]) for k in initial)
+
+
+@pytest.mark.slow
 def test_no_secret_in_the_environment_reaches_the_console_or_the_logs(
     tmp_path, tiny_model_dir, site_data, synthetic_pubmedvision
 ):
