@@ -538,7 +538,7 @@ class SampleWeightedFedAvg(ModelAggregator):
     def _record_round(self) -> None:
         """Add this round's records to the history; before the run's first, the earlier run's records of the rounds
         before it (`history_file`), so site_metrics.json goes on where the resumed run's ended."""
-        first = min((r["round"] for r in self._round_records), default=None)
+        first = min((r["round"] for r in self._round_records if r["round"] is not None), default=None)
         if self.history_file and first is not None and not self._history:
             try:
                 earlier = json.loads(Path(self.history_file).read_text())

@@ -450,10 +450,10 @@ def keep_resume_source(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def resumed_round(checkpoint: str | None, peft: str = "none") -> int:
+def resumed_round(checkpoint: str | None, peft: str | None = None) -> int:
     """The round a run resumed from `checkpoint` starts at: the one after the round that wrote it (0 if unknown).
-    Only the file's metadata is read (mapped, not loaded): the 2B fp32 model is 8.5 GB. A LoRA adapter's checkpoint
-    resumes only with --peft lora, a whole model's only without."""
+    Only the file's metadata is read (mapped, not loaded): the 2B fp32 model is 8.5 GB. Given `peft` (the run's
+    --peft), a LoRA adapter's checkpoint resumes only with --peft lora, a whole model's only without."""
     if not checkpoint or not Path(checkpoint).is_file():
         return 0
     import torch
@@ -464,7 +464,7 @@ def resumed_round(checkpoint: str | None, peft: str = "none") -> int:
         raise SystemExit(f"error: --resume_from {checkpoint} is not a weights-only torch checkpoint: {err}") from None
     weights = (data.get("model") if isinstance(data, dict) else None) or {}
     adapter = any(str(k).startswith(PEFT_PREFIX) for k in weights)
-    if weights and adapter != (peft == "lora"):
+    if peft is not None and weights and adapter != (peft == "lora"):
         held = "a LoRA adapter: add --peft lora" if adapter else "a whole model, not a LoRA adapter: leave --peft out"
         raise SystemExit(f"error: --resume_from {checkpoint} holds {held}")
     meta = (data.get("meta_props") if isinstance(data, dict) else None) or {}
