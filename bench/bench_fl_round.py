@@ -147,7 +147,7 @@ def request_summary(probe_dir: Path, gap: float = 5.0) -> list[dict]:
 
 def round_overheads(server_log: Path, metrics_file: Path, clients: int) -> list[dict]:
     """Per round after the first: wall between the last aggregations, slowest site's training, and the difference."""
-    pattern = re.compile(rf"^(\S+ \S+) - FedAvg .* Aggregated {clients}/{clients} results")
+    pattern = re.compile(rf"^(\S+ \S+) - \w*FedAvg .* Aggregated {clients}/{clients} results")
     ends = [
         datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
         for line in server_log.read_text().splitlines()
