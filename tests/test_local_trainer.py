@@ -1021,6 +1021,22 @@ def test_torch_compile_trains_like_eager(trainer, initial_state):
     assert (compiled_update != eager_update).float().mean() < 1e-2
 
 
+def test_a_compiled_trainer_generates_its_evaluation_answers_eagerly(trainer, initial_state, synthetic_pubmedvision):
+    """Generation grows the KV cache every step, which would recompile each compiled block until dynamo's limit:
+    the evaluation's answers are generated with compilation off, and the same as the eager trainer's."""
+    from torch._dynamo.utils import counters
+
+    records = _records(synthetic_pubmedvision)[NUM_TRAIN : NUM_TRAIN + 2]
+    compiled_trainer = LocalTrainer(replace(trainer.config, torch_compile=True, bf16=False))
+    trainer.config = replace(trainer.config, bf16=False)
+    for t in (trainer, compiled_trainer):
+        t.load_global_state(initial_state)
+    frames = counters["frames"]["total"]
+    compiled = compiled_trainer._generation_metrics(records, max_new_tokens=4)
+    assert counters["frames"]["total"] == frames  # dynamo saw no frame: nothing was compiled
+    assert compiled == pytest.approx(trainer._generation_metrics(records, max_new_tokens=4), nan_ok=True)
+
+
 COLLECTIVE_WORKER = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
