@@ -5,8 +5,11 @@ GB each) as safetensors files, hands them to the aggregator as NVFlare's tensor 
 references, `ParamsType.DIFF`), and reports per repeat the seconds of `aggregate_model` and the page faults it took
 (fresh pages). The aggregator adds their sample-weighted average to its fp32 global model in place (twice `--gb` in
 memory), which it takes from the run's initial model as the job's server does (`INITIAL_MODEL_LOADED`); every repeat
-writes into the same tensors, as the job's rounds do.
-Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--workdir /tmp/bench_aggregate]
+writes into the same tensors, as the job's rounds do. With `--server_optimizer`, the average is that optimizer's
+pseudo-gradient (fl_server.ServerOptimizer: its fp32 moments on the CPU), and each repeat also times writing its
+state as the server does (`FL_server_optimizer.pt`, atomically, in the workdir). Reports the peak RSS too.
+Usage: python bench/bench_aggregate.py [--gb 1.0] [--sites 3] [--repeats 2] [--server_optimizer fedadam]
+    [--workdir /tmp/bench_aggregate]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_server import SampleWeightedFedAvg  # noqa: E402
+from fl_server import OPTIMIZER_FILE, SERVER_OPTIMIZERS, SampleWeightedFedAvg, atomic_write  # noqa: E402
 
 
 def shapes(gb: float) -> dict[str, tuple[int, ...]]:
@@ -62,11 +65,13 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0, help="size of each site's bf16 update in GB")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--server_optimizer", default="fedavg", choices=SERVER_OPTIMIZERS)
     parser.add_argument("--workdir", default="/tmp/bench_aggregate")
     args = parser.parse_args()
 
     layout = shapes(args.gb)
-    aggregator = SampleWeightedFedAvg()
+    aggregator = SampleWeightedFedAvg(server_optimizer=args.server_optimizer)
+    optimizer = aggregator.optimizer
     start_run(aggregator, {key: torch.ones(shape) for key, shape in layout.items()})  # fp32, its pages written
     rows = []
     for _ in range(args.repeats):  # written anew each time: the aggregator deletes the updates it averaged
@@ -82,11 +87,18 @@ def main() -> None:
         averaged = aggregator.aggregate_model().params
         seconds = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        rows.append({"seconds": round(seconds, 2), "page_faults": faults})
+        row = {"seconds": round(seconds, 2), "page_faults": faults}
+        if optimizer.state:
+            start, path = time.perf_counter(), Path(args.workdir) / OPTIMIZER_FILE
+            atomic_write(path, lambda f: torch.save(optimizer.state_dict(), f))
+            row |= {"state_bytes": optimizer.nbytes(), "state_save_s": round(time.perf_counter() - start, 2)}
+            path.unlink()
+        rows.append(row)
         del averaged, results, params  # NVFlare deletes a result's folder once its last reference goes
         aggregator.wait_for_discard()
-    print(json.dumps({"gb_per_site": args.gb, "sites": args.sites,
-                      "threads": torch.get_num_threads(), "runs": rows}))  # fmt: skip
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    setting = {"gb_per_site": args.gb, "sites": args.sites, "server_optimizer": args.server_optimizer}
+    print(json.dumps(setting | {"threads": torch.get_num_threads(), "peak_rss_gib": round(peak_gib, 2), "runs": rows}))
 
 
 if __name__ == "__main__":
