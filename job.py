@@ -689,11 +689,11 @@ def report(
         outputs = {(untrained + k.removeprefix("global model") if k.startswith("global model") else k): v
                    for k, v in outputs.items()}  # fmt: skip
     print(f"\nResults under {root}:")
-    for what, paths in outputs.items():
-        if what in OPTIONAL_OUTPUTS and not paths:  # not asked for (no evaluation, no LoRA, no W&B)
-            continue
-        for p in paths or ["(none found)"]:
-            print(f"  {what:32s} {p}")
+    shown = {what: paths for what, paths in outputs.items() if paths or what not in OPTIONAL_OUTPUTS}
+    width = max(map(len, shown))  # optional outputs not asked for (no evaluation, no LoRA, no W&B) are left out
+    for what, paths in shown.items():
+        for i, p in enumerate(paths or ["(none found)"]):
+            print(f"  {what if i == 0 else '':{width}s} {p}")
     if model is None:
         print("error: no global model was saved; see the server and site logs above", file=sys.stderr)
         return 1

@@ -668,6 +668,26 @@ def test_a_job_where_no_site_contributed_exits_non_zero_but_an_evaluation_does_n
         assert ("no site contributed in any round" in out.err) == (code == 1), name
 
 
+def test_the_summary_names_each_output_once_in_one_column(tmp_path, capsys):
+    from job import report
+
+    torch.save({"model": {}, "meta_props": {"current_round": 0}}, tmp_path / "FL_global_model.pt")
+    torch.save({}, tmp_path / "FL_best_model.pt")
+    (tmp_path / "site_metrics.json").write_text(
+        json.dumps([{"round": 0, "site": "site-1", "weight": 8.0, "loss": 1.5}])
+    )
+    for folder in ("server", "site-1", "site-2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "log.txt").write_text("")
+    assert report(tmp_path, ["site-1"], 1) == 0
+    lines = capsys.readouterr().out.split("Results under")[1].splitlines()[1:]
+    assert sum("logs (server, each site)" in line for line in lines) == 1
+    assert sum(line.endswith("log.txt") for line in lines) == 3
+    column = {line.index(str(tmp_path) if str(tmp_path) in line else "(none found)") for line in lines}
+    assert len(column) == 1, lines  # every path starts in the same column, the longest label's included
+    assert "W&B" not in "".join(lines) and "LoRA" not in "".join(lines)  # optional outputs not produced
+
+
 @pytest.mark.slow
 def test_demo_resumes_from_its_own_global_model_in_the_same_workspace(tmp_path):
     """`--demo --workspace DIR` writes there; `--resume_from` the run's FL_global_model.pt with the same workspace
