@@ -118,6 +118,11 @@ class TrainConfig:
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Hugging Face's optimizer name: adamw_torch, adamw_torch_fused, adafactor, sgd, ... (sgd and "
+                          "adafactor keep far less state on the GPU than AdamW's two fp32 moments)"},
+    )  # fmt: skip
     max_grad_norm: float = 1.0
     logging_steps: float = 10
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, mlflow, ..."})
@@ -1182,6 +1187,7 @@ class LocalTrainer:
             lr_scheduler_type=c.lr_scheduler_type,
             warmup_steps=c.warmup_ratio,  # a value below 1 is a ratio of the round's steps
             weight_decay=c.weight_decay,
+            optim=c.optim,
             max_grad_norm=c.max_grad_norm,
             bf16=False,  # bf16 autocast is RoundTrainer's own (see compute_loss); weights stay fp32
             use_cpu=self.device.type == "cpu",

@@ -766,6 +766,23 @@ def test_keep_optimizer_state_carries_adam_across_rounds_and_restarts(trainer, i
     assert any(not torch.equal(first_moments[k], second_moments[k]) for k in first_moments)
 
 
+def test_optim_trains_with_the_hugging_face_optimizer_it_names(trainer, initial_state):
+    """--optim goes to Hugging Face's TrainingArguments: sgd keeps no moments (3 sites of the 2B fit one GPU)."""
+    lr = 1e-2
+    moved = {}
+    try:
+        for optim in ("sgd", "adamw_torch"):
+            _small_round(trainer, optim=optim, learning_rate=lr)
+            optimizer = trainer._round_trainer(0, None).create_optimizer()
+            assert isinstance(optimizer, torch.optim.SGD if optim == "sgd" else torch.optim.AdamW), optim
+            update = trainer.train_round(initial_state, round_num=0).update
+            moved[optim] = torch.cat([u.float().abs().flatten() for u in update.values()]).max().item()
+    finally:
+        trainer.config = replace(trainer.config, optim="adamw_torch")
+    # AdamW's first step moves a weight with a gradient by about lr; SGD by lr times its (clipped, small) gradient
+    assert moved["adamw_torch"] == pytest.approx(lr, rel=0.05) and 0 < moved["sgd"] < lr / 2, moved
+
+
 def test_evaluate_is_the_answer_only_loss_and_leaves_the_round_alone(trainer, initial_state, synthetic_pubmedvision,
                                                                     tmp_path):  # fmt: skip
     records = _records(synthetic_pubmedvision)[NUM_TRAIN : NUM_TRAIN + 5]
