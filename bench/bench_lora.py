@@ -7,7 +7,12 @@ and peak GPU memory, plus the parameters a site trains and the bytes it sends pe
 every trained tensor; LoRA: B in fp32, and A too with naive averaging).
 
 Modes: `full` (the trainer's defaults: LLM and mergers trained), `lora` (exact aggregation: A frozen, B trained),
-`lora-naive` (A and B trained).
+`lora-naive` (A and B trained), `lora-nodrop` (`lora` with --lora_dropout 0).
+
+Each mode starts from an empty TorchDynamo cache, as a job (one mode per process) does: all decoder layers and vision
+blocks share one compiled code object, whose cache would otherwise keep every earlier mode's graphs and reach dynamo's
+recompile limit (8), past which the remaining variants run eagerly. Each row says what the mode compiled: `graphs`,
+`graph_breaks` and `recompile_limit_hits` (0 unless something ran eagerly).
 
 Usage: python bench/bench_lora.py [--tiny] [--steps 20] [--batch 8] [--lora_r 16] [--modes full,lora,lora-naive]
        [--compile] [--gc] [--records 2000] [--workdir DIR]
@@ -16,6 +21,7 @@ Usage: python bench/bench_lora.py [--tiny] [--steps 20] [--batch 8] [--lora_r 16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +45,7 @@ MODES = {
     "full": {},
     "lora": {"peft": "lora", "lora_aggregation": "exact", "tune_mm_mlp": False},
     "lora-naive": {"peft": "lora", "lora_aggregation": "naive", "tune_mm_mlp": False},
+    "lora-nodrop": {"peft": "lora", "lora_aggregation": "exact", "tune_mm_mlp": False, "lora_dropout": 0.0},
 }
 FULL_2B_BYTES = 4.26e9  # the 2B model in bf16, as it travels to the sites
 
@@ -59,6 +66,25 @@ def exchange(cfg: TrainConfig) -> dict:
     trained = sum(p.numel() for k, p in model.named_parameters() if p.requires_grad and k != TIED_LM_HEAD)
     everything = sum(p.numel() for p in model.parameters())  # the tied lm_head counted once
     return {"trained_params": trained, "sent_bytes": 2 * trained, "received_bytes": 2 * everything}
+
+
+@contextlib.contextmanager
+def fresh_compile(stats: dict):
+    """Empty TorchDynamo's cache, then put in `stats` what the block compiled: graphs, graph breaks and recompile-limit
+    hits (frames left to run eagerly)."""
+    from torch._dynamo.utils import counters
+
+    def now() -> dict[str, int]:
+        return {
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompile_limit_hits": sum(n for msg, n in counters["unimplemented"].items() if "recompile limit" in msg),
+        }
+
+    torch._dynamo.reset()
+    before = now()
+    yield
+    stats.update({key: value - before[key] for key, value in now().items()})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,9 +123,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for mode in modes:
         cfg = replace(base, **MODES[mode])
-        start = time.time()
-        row = run_case(mode, cfg, args.steps)
-        row |= exchange(cfg) | {"lora_r": args.lora_r if cfg.peft == "lora" else None}
+        start, compiled = time.time(), {}
+        with fresh_compile(compiled):
+            row = run_case(mode, cfg, args.steps)
+        row |= compiled | exchange(cfg) | {"lora_r": args.lora_r if cfg.peft == "lora" else None}
         row["sent_share_of_2b"] = round(row["sent_bytes"] / FULL_2B_BYTES, 4) if not args.tiny else None
         row["wall_s"] = round(time.time() - start, 1)
         print(json.dumps(row), flush=True)

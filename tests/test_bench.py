@@ -144,3 +144,22 @@ def test_bench_update_measures_what_survives_of_a_change_and_its_bytes():
     assert delta_packed_bytes(start, start) < 0.01 * start.numel() * 2  # no change: next to no bytes
     moved = (start.float() + 1e-3).bfloat16()
     assert 0.01 * start.numel() * 2 < delta_packed_bytes(moved, start) < start.numel() * 2
+
+
+def test_bench_lora_compiles_each_mode_from_an_empty_cache():
+    """All decoder layers and vision blocks run one compiled code object. Kept from mode to mode, its cache held every
+    earlier mode's graphs, and past dynamo's recompile limit a later mode's blocks ran eagerly: each mode starts
+    afresh, and its row counts what it compiled."""
+    import torch
+    from bench_lora import fresh_compile
+
+    block = torch.compile(lambda x: x * 2, backend="eager")
+    rows = []
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):  # three modes, three graphs each
+            stats = {}
+            with fresh_compile(stats):
+                for rank in (1, 2, 3):
+                    block(torch.ones([1] * rank, dtype=dtype))
+            rows.append(stats)
+    assert rows == [{"graphs": 3, "graph_breaks": 0, "recompile_limit_hits": 0}] * 3

@@ -119,6 +119,32 @@ def test_exact_aggregation_is_the_average_of_the_sites_delta_w_and_naive_is_not(
     assert naive_error > 1e-3  # avg(B) @ avg(A) is not avg(B @ A)
 
 
+def test_a_compiled_decoder_layer_with_adapters_is_one_graph(tiny_model_dir):
+    """PEFT's LoRA layers (dropout included) trace whole into each compiled decoder layer: no graph break, one graph, as
+    `LocalTrainer` compiles it (after the adapters, dynamic shapes, bf16 autocast, forward and backward). The text path
+    of the packed attention has no break on a GPU; here SDPA stands in for it (its CPU path splits at each sample)."""
+    from torch._dynamo.utils import counters
+
+    from model import load_hf_model
+
+    model = load_hf_model(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    settings = lora.LoraSettings(dropout=0.05)
+    lora.add_adapters(model, settings)
+    lora.set_trainable(model, settings)
+    text = model.model.language_model
+    layer = text.layers[1]
+    layer.compile(dynamic=True)
+    hidden = torch.randn(1, 12, model.config.text_config.hidden_size, requires_grad=True)
+    position_ids = torch.arange(12).expand(3, 1, 12)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(hidden, position_embeddings=text.rotary_emb(hidden, position_ids), attention_mask=None)
+    out.float().sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert layer.self_attn.q_proj.lora_B.default.weight.grad.abs().sum() > 0
+
+
 def test_lora_flags_are_checked():
     with pytest.raises(ValueError, match="lora_aggregation"):
         lora.LoraSettings(aggregation="svd")
