@@ -689,8 +689,9 @@ def report(
         outputs = {(untrained + k.removeprefix("global model") if k.startswith("global model") else k): v
                    for k, v in outputs.items()}  # fmt: skip
     print(f"\nResults under {root}:")
+    # optional outputs not asked for (no evaluation, no LoRA, no W&B) are left out
     shown = {what: paths for what, paths in outputs.items() if paths or what not in OPTIONAL_OUTPUTS}
-    width = max(map(len, shown))  # optional outputs not asked for (no evaluation, no LoRA, no W&B) are left out
+    width = max(map(len, shown))
     for what, paths in shown.items():
         for i, p in enumerate(paths or ["(none found)"]):
             print(f"  {what if i == 0 else '':{width}s} {p}")
