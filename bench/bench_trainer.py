@@ -127,8 +127,26 @@ def loader_rate(trainer: LocalTrainer, batch_size: int, workers: int, batches: i
     return batches / (time.perf_counter() - start)
 
 
-def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = None) -> dict:
-    """Warm up with a 2-step round, then time a `steps`-step round of the same trainer."""
+def device_busy(trainer: LocalTrainer, steps: int) -> dict:
+    """Seconds per step the GPU spends running kernels and copies, and kernels launched per step, over a profiled
+    round of `steps` steps (after the timed one). Busy time well under the steady step time means the GPU waits for
+    the host (launching kernels) rather than the host for the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.config.max_steps = steps
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            trainer.train_round(None)
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in events)
+    except Exception as e:  # a profiler that differs must not cost the row its other figures
+        return {"device_busy_error": f"{type(e).__name__}: {e}"[:200]}
+    return {"device_busy_step_s": round(busy_us / 1e6 / steps, 3), "kernels_per_step": round(len(events) / steps)}
+
+
+def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = None, busy_steps: int = 0) -> dict:
+    """Warm up with a 2-step round, then time a `steps`-step round of the same trainer (and, with `busy_steps`,
+    measure the GPU's busy time in a profiled round of that many steps: `device_busy`)."""
     timer = StepTimer()
     trainer = LocalTrainer(cfg, callbacks=[timer])
     model = trainer.model
@@ -155,6 +173,7 @@ def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = 
     else:
         m = trainer.train_round(None).metrics
     steady = sorted(b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False))[len(timer.ends) // 2 - 1]
+    busy = device_busy(trainer, busy_steps) if busy_steps and torch.cuda.is_available() else {}
     loader = loader_rate(trainer, cfg.per_device_train_batch_size, cfg.dataloader_num_workers)
     steady_samples_per_s = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / steady
     samples_per_s = m["samples"] / m["seconds"]
@@ -168,7 +187,7 @@ def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = 
         steady_step_s=round(steady, 3), steady_samples_per_s=round(steady_samples_per_s, 2),
         steady_tflops=round(flops * steady_samples_per_s / 1e12, 1),
         loader_batches_per_s=round(loader, 1),
-    )  # fmt: skip
+    ) | busy  # fmt: skip
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
