@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     e = parser.add_argument_group("evaluation of the received global model on the site's val.json (built-in trainer)")
     e.add_argument(
-        "--eval_every", type=int, default=1,
+        "--eval_every", type=int, default=5,
         help="validation loss every round; generation metrics every N rounds and in the last (0: no evaluation)",
     )  # fmt: skip
     e.add_argument("--eval_samples", type=int, default=16, help="records answered for the generation metrics")
