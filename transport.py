@@ -46,7 +46,8 @@ pinned NVFlare 2.9.0 and says which one changed):
 - `PTFileModelPersistor`'s `_get_persistence_manager(fl_ctx)` and `_ckpt_save_path` (fl_server.QwenPersistor).
 - `FedAvg`'s `_accept_train_result(client_name, result, fl_ctx, is_unknown_task)`, `_aggregate_one_result(result)`,
   `_get_aggregated_result()`, `send_model` as `run()`'s way to send a round, and `FedAvgRecipe._create_controller`
-  (fl_server.FaultTolerantFedAvg, job.py's recipe: a round that goes on without the sites that do not answer).
+  (fl_server.FaultTolerantFedAvg, job.py's recipe: a round that goes on without the sites that do not answer), and
+  `run()` sleeping `_task_check_period` between its checks for a round's last result (FaultTolerantFedAvg shortens it).
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that

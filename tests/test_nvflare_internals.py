@@ -119,6 +119,17 @@ def test_fedavg_keeps_the_hooks_fault_tolerant_fedavg_overrides():
     assert "self.send_model(" in inspect.getsource(FedAvg.run), "FedAvg.run no longer sends a round with send_model"
 
 
+def test_fedavg_waits_for_a_rounds_last_result_the_task_check_period_fault_tolerant_fedavg_sets():
+    from nvflare.app_common.workflows.fedavg import FedAvg
+
+    from fl_server import TASK_CHECK_PERIOD, FaultTolerantFedAvg
+
+    assert "time.sleep(self._task_check_period)" in inspect.getsource(FedAvg.run), (
+        "FedAvg.run no longer sleeps task_check_period between its checks: fl_server.FaultTolerantFedAvg shortens it"
+    )
+    assert FaultTolerantFedAvg(num_clients=2, num_rounds=1)._task_check_period == TASK_CHECK_PERIOD
+
+
 @pytest.mark.parametrize("first", ["transport", "nvflare"])
 def test_fobs_keeps_the_first_tensor_decomposer_registered(first, tmp_path):
     """What receive_to_disk and serialize_once_for_all_sites rely on, in a fresh process each time."""
