@@ -135,7 +135,7 @@ def define_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--eval_every", type=int, default=5,
         help="validation loss every round; generation metrics (exact match, token F1, closed-question accuracy) every "
-        "N rounds, in the first and in the last (16 answers: up to ~25 s a site on an H100); 0: no evaluation",
+        "N rounds (rounds 0, N, 2N, ...) and in the last (16 answers: up to ~25 s a site on an H100); 0: no evaluation",
     )  # fmt: skip
     e.add_argument("--eval_samples", type=int, default=16, help="records per site answered for the generation metrics")
     e.add_argument(
