@@ -185,6 +185,7 @@ def round_options(trainer: Any, args, round_num: int, total_rounds: int | None, 
 
 def train_round(
     trainer: Any,
+    held: transport.HeldWeights,
     global_model: FLModel | None,
     round_num: int,
     total_rounds: int | None,
@@ -193,17 +194,24 @@ def train_round(
     train_argv: list[str],
 ):
     """One round on this rank: (the trainer, its result, None), or (None, None, the first rank's error) after a
-    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round)."""
+    failure on any rank, which is reported and leaves the site in the federation (a fresh trainer next round).
+    `held`: what the trainer holds as the server sent it (rank 0), for a task that leaves those tensors out."""
     start, error, result = time.time(), None, None
     try:
         if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
             trainer = build_trainer(args.trainer, train_argv)
-        global_state = None
+            held.forget()
+        global_state, unchanged = None, set()
         if global_model is not None:  # rank 0: the weights (on disk), row parts joined under their tensor's name
+            unchanged = held.left_out(global_model.meta)
             lazy = sum(map(is_lazy, global_model.params.values()))
-            print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk)", flush=True)
+            kept = f", {len(unchanged)} left out as this site holds them" if unchanged else ""
+            print(f"{tag} received {len(global_model.params)} tensors ({lazy} on disk){kept}", flush=True)
             global_state, global_model.params = transport.join(global_model.params), None
+        received = set(global_state or ())
         options = round_options(trainer, args, round_num, total_rounds, tag)
+        if unchanged:
+            options["unchanged"] = unchanged
         if args.eval_only:  # a federated evaluation of the received model: nothing trains, no update is sent
             if "evaluate_on" not in options:
                 raise FileNotFoundError(f"--eval_only: {tag} has no val.json beside its training data to score")
@@ -213,6 +221,7 @@ def train_round(
             result = trainer.train_round(global_state, release_global_state=True, round_num=round_num, **options)
         result.metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         result.metrics.setdefault("seconds", time.time() - start)
+        held.after_round(received, set(result.update or ()))
     except Exception as e:  # any failure, OOM included: report it and stay in the federation
         traceback.print_exc()
         error = f"rank {RANK}: {type(e).__name__}: {e}"
@@ -224,28 +233,30 @@ def train_round(
         print(f"site training failed (--trainer {args.trainer}): {error}", file=sys.stderr, flush=True)
         print(f"{tag} sent weight 0 (after error) {hint(error, train_argv)}", flush=True)
     trainer = result = None  # a fresh trainer next round frees what a failure (e.g. OOM) left behind
+    held.forget()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return None, None, error
 
 
-def update_message(result: Any, error: str | None, part_mb: float) -> FLModel:
+def update_message(result: Any, error: str | None, part_mb: float, keeps: bool = False) -> FLModel:
     """What rank 0 sends: the round's update (`ParamsType.DIFF`, large tensors in row parts) with the metrics the
     server weighs by and logs, or, after a failure, no weights and the error in the meta (weight 0: the average
-    leaves this site out)."""
+    leaves this site out). `keeps`: the site's trainer keeps what it received, so the next task may leave out the
+    tensors it holds as sent (`transport.KEEPS`)."""
     no_update = {transport.NO_UPDATE: torch.zeros(1)}  # NVFlare's FedAvg passes no result without params on
     if error is not None:
         meta = {"ERROR": error, "NUM_STEPS_CURRENT_ROUND": 0}
         return FLModel(params_type=ParamsType.DIFF, params=no_update, metrics={"samples": 0.0}, meta=meta)
-    metrics = result.metrics
+    metrics, meta = result.metrics, {transport.KEEPS: keeps}
     if result.update is None:  # --eval_only: the scores alone
-        return FLModel(params_type=ParamsType.DIFF, params=no_update, metrics=metrics, meta={"EVAL_ONLY": True})
+        return FLModel(params_type=ParamsType.DIFF, params=no_update, metrics=metrics, meta={**meta, "EVAL_ONLY": True})
     return FLModel(
         params_type=ParamsType.DIFF,
         params=transport.split(result.update, int(part_mb * 2**20)),
         metrics=metrics,
-        meta={"NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
+        meta={**meta, "NUM_STEPS_CURRENT_ROUND": int(metrics.get("steps", 0)), "NUM_SAMPLES": metrics["samples"]},
     )
 
 
@@ -300,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     # would keep a normal interpreter exit waiting until the SIGKILL.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-    trainer = None
+    trainer, held = None, transport.HeldWeights()
     while True:
         global_model = exchange(flare.receive, "receive the global model") if RANK == 0 else None  # None: job over
         # The run's rounds: a resumed job starts at the round after its checkpoint's (start_round) and runs
@@ -310,12 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         if round_num is None:
             break
         tag = f"site={site} round={round_num}:"
-        trainer, result, error = train_round(trainer, global_model, round_num, total_rounds, tag, args, train_argv)
+        trainer, result, error = train_round(
+            trainer, held, global_model, round_num, total_rounds, tag, args, train_argv
+        )
         if RANK == 0:
             size = sent_bytes(result)
             if size:  # reported per site and round: the site's log, site_metrics.json, TensorBoard
                 result.metrics["sent_bytes"] = float(size)
-            out = update_message(result, error, args.part_mb)  # the round's update, or the error
+            keeps = getattr(trainer, "keeps_unchanged", False)
+            out = update_message(result, error, args.part_mb, keeps)  # the round's update, or the error
             print(f"{tag} sent {len(out.params) if size else 0} tensors ({size / 1e6:.2f} MB)", flush=True)
             for key, value in out.metrics.items() if error is None else ():  # TensorBoard/W&B on the server
                 name = key if key.startswith("val_") else f"train_{key}"

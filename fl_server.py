@@ -32,6 +32,7 @@ save) and is loaded again with `--resume_from`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -588,6 +589,12 @@ class FaultTolerantFedAvg(FedAvg):
     training (weight 0), counts as answered. When fewer than `min_sites` answered (0: every site), the round is
     discarded and the run ends cleanly: FL_global_model.pt holds the last complete round, which `--resume_from`
     continues.
+
+    After the run's first round, a site whose last result said it keeps what it receives (`transport.KEEPS`) is sent
+    the global model without the tensors no site has sent an update of this run (the vision tower while no site
+    trains it): they are still as the site received them. Its task names them (`transport.NOT_SENT`); a site that
+    does not hold them fails that round and gets the whole model the next. Other sites get the whole model: with a
+    `round_timeout`, the two groups' tasks each wait for their own first answer.
     """
 
     def __init__(self, *args, min_sites: int = 0, round_timeout: int = 0, **kwargs):
@@ -599,6 +606,8 @@ class FaultTolerantFedAvg(FedAvg):
         self._targets: list[str] = []
         self._answered: set[str] = set()
         self._failed: dict[str, str] = {}  # site -> NVFlare's return code of its error result
+        self._untouched: set[str] | None = None  # tensors no site has sent an update of this run (None: no round yet)
+        self._keeping: set[str] = set()  # sites whose last result said they keep what they receive
 
     def run(self) -> None:
         try:
@@ -619,10 +628,30 @@ class FaultTolerantFedAvg(FedAvg):
         self._targets, self._answered, self._failed = list(targets or []), set(), {}
         # With a round_timeout: done once the first site answered and the others had round_timeout seconds more;
         # without: done when every site answered (or NVFlare declared the silent ones dead).
-        self.broadcast_model(
-            task_name=task_name, data=data, targets=targets, min_responses=1 if self.round_timeout else 0,
-            wait_time_after_min_received=self.round_timeout, blocking=False, callback=callback,
-        )  # fmt: skip
+        for sites, task_data in self._tasks(data, self._targets):
+            self.broadcast_model(
+                task_name=task_name, data=task_data, targets=sites, min_responses=1 if self.round_timeout else 0,
+                wait_time_after_min_received=self.round_timeout, blocking=False, callback=callback,
+            )  # fmt: skip
+
+    def _tasks(self, data: FLModel | None, targets: list[str]) -> list[tuple[list[str], FLModel | None]]:
+        """The round's tasks: the whole global model for some sites, without the untouched tensors for the sites
+        that keep what they receive; (sites, data) per task that has sites."""
+        if data is None or not data.params:
+            return [(targets, data)]
+        if self._untouched is None:  # the run's first round: every site gets every tensor
+            self._untouched = transport.tensor_names(data.params)
+        slim_sites = [site for site in targets if site in self._keeping] if self._untouched else []
+        full_sites = [site for site in targets if site not in slim_sites]
+        tasks = [(full_sites, data)] if full_sites else []
+        if slim_sites:
+            slim = copy.copy(data)
+            slim.params = transport.leave_out(data.params, self._untouched)
+            slim.meta = {**(data.meta or {}), transport.NOT_SENT: sorted(self._untouched)}
+            self.info(f"{', '.join(slim_sites)}: {len(self._untouched)} tensors no site has updated this run left "
+                      f"out (the sites hold them); {', '.join(full_sites) or 'no site'}: the whole model")  # fmt: skip
+            tasks.append((slim_sites, slim))
+        return tasks
 
     def _accept_train_result(
         self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
@@ -633,7 +662,12 @@ class FaultTolerantFedAvg(FedAvg):
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        self._answered.add(result.meta.get("client_name"))
+        site, meta = result.meta.get("client_name"), result.meta or {}
+        self._answered.add(site)
+        if self._untouched is not None:  # any tensor a site sent may have changed: it travels from now on
+            self._untouched -= transport.tensor_names(result.params or {})
+        keeps = meta.get(transport.KEEPS) and not meta.get("ERROR")
+        (self._keeping.add if keeps else self._keeping.discard)(site)
         return super()._aggregate_one_result(result)
 
     def _get_aggregated_result(self) -> FLModel:
@@ -644,6 +678,7 @@ class FaultTolerantFedAvg(FedAvg):
             for site in self._targets if site not in self._answered
         }  # fmt: skip
         self.aggregator.record_missing(self.current_round, missing)
+        self._keeping -= missing.keys()  # whatever it holds, it gets the whole model if it comes back
         need = self.min_sites or len(self._targets)
         if len(self._answered) < need:
             answered = f"{len(self._answered)} of {len(self._targets)} sites answered"

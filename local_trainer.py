@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -795,15 +796,24 @@ class LocalTrainer:
         else:
             self.collator = SFTCollator(self.processor.tokenizer.pad_token_id)
 
-    def load_global_state(self, global_state: dict[str, torch.Tensor] | None) -> None:
+    @property
+    def keeps_unchanged(self) -> bool:
+        """Whether a global state may leave out tensors this trainer keeps as they are (`load_global_state`'s
+        `unchanged`): the model lives from round to round, except under FSDP, which loads whole states only."""
+        return not self.fsdp
+
+    def load_global_state(self, global_state: dict[str, torch.Tensor] | None, unchanged: Collection[str] = ()) -> None:
         """Copy rank 0's `global_state` into the fp32 model in place, then broadcast every tensor to the other ranks.
 
         Values may be NVFlare's lazy references to tensors offloaded to disk: each is read when copied, so the host
         never holds the whole state. Under FSDP rank 0's tensors are broadcast and each rank keeps its shard; `None`
-        keeps the loaded weights.
+        keeps the loaded weights. `unchanged`: tensors the state leaves out, which keep the values they have (what
+        the caller knows this trainer last received for them; not under FSDP).
         """
         params = self._exchanged()  # under FSDP: shards (DTensors) with the full shapes
-        problem = self._misfit(global_state, params) if self.rank == 0 and global_state is not None else ""
+        problem = self._misfit(global_state, params, unchanged) if self.rank == 0 and global_state is not None else ""
+        if unchanged and not self.keeps_unchanged:
+            problem = "a sharded (--fsdp) trainer loads whole global states only"
         given = global_state is not None
         if self.world_size > 1:  # every rank learns of a bad state, so none is left waiting in a broadcast
             box = [(problem, given)]
@@ -818,7 +828,8 @@ class LocalTrainer:
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
+                    if key in global_state or key not in unchanged:
+                        copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
             if self.world_size > 1:
                 for tensor in params.values():
                     dist.broadcast(tensor, src=0)
@@ -842,10 +853,13 @@ class LocalTrainer:
         return lora.exchanged_parameters(self.model, self.lora) if self.lora else untied_state_dict(self.model)
 
     @staticmethod
-    def _misfit(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str:
-        """What keeps `state` from loading into `params` (the tied lm_head may be present or not); "" if nothing."""
+    def _misfit(
+        state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], unchanged: Collection[str] = ()
+    ) -> str:
+        """What keeps `state`, with the `unchanged` tensors left out, from loading into `params` (the tied lm_head may
+        be present or not); "" if nothing."""
         keys = state.keys() - ({TIED_LM_HEAD} - params.keys())
-        missing, unexpected = sorted(params.keys() - keys), sorted(keys - params.keys())
+        missing, unexpected = sorted(params.keys() - keys - set(unchanged)), sorted(keys - params.keys())
         common = sorted(keys & params.keys())
         shapes = [
             f"{k} {tensor_shape(state[k])} != {tuple(params[k].shape)}"
@@ -868,6 +882,7 @@ class LocalTrainer:
         evaluate_on: str | None = None,
         generate_samples: int = 0,
         max_new_tokens: int = 256,
+        unchanged: Collection[str] = (),
     ) -> TrainResult:
         """Load the global weights, train one round, return the round's update.
 
@@ -878,10 +893,11 @@ class LocalTrainer:
         is loaded, so its host copy (4.26 GB for 2B) is freed before training instead of after (client.py does; the
         caller must not need it afterwards). `evaluate_on`: a records file to `evaluate` the received weights on
         before training (`val_*` metrics), with the generation metrics on `generate_samples` of its records.
+        `unchanged`: tensors `global_state` leaves out, which keep their values (`load_global_state`).
         """
         start = time.perf_counter()
         round_num = self.round if round_num is None else round_num
-        self._receive(global_state, release_global_state)
+        self._receive(global_state, release_global_state, unchanged)
         validation = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens) if evaluate_on else {}
         if self.lora:
             lora.set_trainable(self.model, self.lora)
@@ -922,9 +938,9 @@ class LocalTrainer:
         update = self._lora_update(started_from) if self.lora else self._update_since(started_from)
         return TrainResult(update=update, metrics=metrics)
 
-    def _receive(self, global_state: dict[str, torch.Tensor] | None, release: bool) -> None:
+    def _receive(self, global_state: dict[str, torch.Tensor] | None, release: bool, unchanged: Collection[str]) -> None:
         """Load the global weights; with `release`, empty the dict once they are in (its host copy is freed)."""
-        self.load_global_state(global_state)
+        self.load_global_state(global_state, unchanged)
         if release and global_state is not None:
             global_state.clear()
 
@@ -935,11 +951,12 @@ class LocalTrainer:
         generate_samples: int = 0,
         max_new_tokens: int = 256,
         release_global_state: bool = False,
+        unchanged: Collection[str] = (),
     ) -> TrainResult:
         """Load the global weights and `evaluate` them on `evaluate_on`, training nothing (job.py --eval_only): a
         result without an update, whose metrics are the `val_*` scores."""
         start = time.perf_counter()
-        self._receive(global_state, release_global_state)
+        self._receive(global_state, release_global_state, unchanged)
         metrics = self.evaluate(evaluate_on, None, generate_samples, max_new_tokens)
         return TrainResult(update=None, metrics={**metrics, "samples": 0.0, "seconds": time.perf_counter() - start})
 

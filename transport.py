@@ -47,7 +47,8 @@ pinned NVFlare 2.9.0 and says which one changed):
 - `FedAvg`'s `_accept_train_result(client_name, result, fl_ctx, is_unknown_task)`, `_aggregate_one_result(result)`,
   `_get_aggregated_result()`, `send_model` as `run()`'s way to send a round, and `FedAvgRecipe._create_controller`
   (fl_server.FaultTolerantFedAvg, job.py's recipe: a round that goes on without the sites that do not answer), and
-  `run()` sleeping `_task_check_period` between its checks for a round's last result (FaultTolerantFedAvg shortens it).
+  `run()` sleeping `_task_check_period` between its checks for a round's last result (FaultTolerantFedAvg shortens it)
+  and waiting for every task of the round (`get_num_standing_tasks`: a round may be two tasks, `NOT_SENT`).
 
 A part's key is the tensor's name and its rows, `name#rows=START:STOP`. `split` makes them, `join` gathers them back
 under the tensor's name: the tensor they are views of when they are (the server's global model), else a `Parts` that
@@ -662,6 +663,53 @@ def share_disk_offload_with_job_cell(engine) -> None:
     settings = cell.get_fobs_context()
     keys = (FOBSContextKey.TENSOR_DISK_OFFLOAD, "tensor_disk_offload_root_dir")  # NVFlare's own context keys
     job_cell.update_fobs_context({key: settings.get(key) for key in keys})
+
+
+# A task's meta: the names of the global model's tensors the server left out, because this site holds them as they
+# were sent in the run's first round (no site has sent an update of them since, so they have not changed).
+NOT_SENT = "not_sent_site_holds"
+# A result's meta: this site keeps the global tensors it received from one round to the next (`HeldWeights`).
+KEEPS = "keeps_received_tensors"
+
+
+def tensor_names(keys) -> set[str]:
+    """The tensor names of state-dict keys (row parts under their tensor's name)."""
+    return {parse(key)[0] for key in keys}
+
+
+def leave_out(params: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """`params` (keys as sent: row parts too) without the tensors called `names`."""
+    return {key: value for key, value in params.items() if parse(key)[0] not in names}
+
+
+class HeldWeights:
+    """A site's record of the global tensors its trainer holds exactly as the server sent them this run.
+
+    The server leaves a tensor out of a task only when no site has sent an update of it this run and the site said
+    it keeps what it receives: the vision tower while no site trains it, about 14% of the 2B model's bytes, every
+    round after the first. Tensors the site trains are no longer held as sent; a new trainer holds none.
+    """
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def left_out(self, meta: dict | None) -> set[str]:
+        """The tensors a task left out (`NOT_SENT`); ValueError if this site does not hold them all as sent (the
+        site's result then says it keeps nothing, and the server sends it the whole model next round)."""
+        names = set((meta or {}).get(NOT_SENT) or ())
+        missing = sorted(names - self.names)
+        if missing:
+            raise ValueError(f"the server left out {len(missing)} tensors this site does not hold as sent (e.g. "
+                             f"{missing[0]}): it sends the whole model next round")  # fmt: skip
+        return names
+
+    def after_round(self, received: set[str], trained: set[str]) -> None:
+        """The trainer loaded `received` and then trained (changed) `trained`."""
+        self.names = (self.names | received) - trained
+
+    def forget(self) -> None:
+        """A new trainer holds nothing as sent."""
+        self.names.clear()
 
 
 def _itself(alias: weakref.ref, memo: dict) -> torch.Tensor:

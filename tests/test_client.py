@@ -1,8 +1,11 @@
 """client.py on its own: the global weights are received to disk from the first task on."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
+
+from transport import KEEPS, NOT_SENT, HeldWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,7 @@ def test_the_builtin_trainer_gets_the_run_s_length_and_what_to_evaluate(tmp_path
             trainer=kind, eval_every=eval_every, eval_samples=4, eval_max_new_tokens=32, eval_only=False
         )
         for round_num in range(4):
-            _, result, error = client.train_round(trainer, None, round_num, 4, "test:", args, [])
+            _, result, error = client.train_round(trainer, HeldWeights(), None, round_num, 4, "test:", args, [])
             assert error is None and result.metrics["samples"] == 1.0
         return trainer.calls
 
@@ -120,8 +123,56 @@ def test_a_failed_round_is_reported_as_site_training_failed_with_the_trainer_kin
             raise FileNotFoundError("data/site-1/train.json")
 
     args = SimpleNamespace(trainer="builtin", eval_every=0, eval_samples=0, eval_max_new_tokens=0, eval_only=False)
-    trainer, result, error = client.train_round(Broken(), None, 0, 1, "test:", args, ["--dataset_use", "data/site-1"])
+    trainer, result, error = client.train_round(
+        Broken(), HeldWeights(), None, 0, 1, "test:", args, ["--dataset_use", "data/site-1"]
+    )
     assert trainer is None and result is None and error.startswith("rank 0: FileNotFoundError")
     out = capsys.readouterr()
     assert "site training failed (--trainer builtin): rank 0: FileNotFoundError: data/site-1/train.json" in out.err
     assert "test: sent weight 0 (after error) check data/site-1/train.json and --image_root" in out.out
+
+
+def test_a_site_trains_from_the_tensors_it_holds_when_the_task_leaves_them_out(capsys):
+    """A task that leaves out tensors (`transport.NOT_SENT`): the trainer is told to keep them when the site holds
+    them as sent (received earlier, not trained since), and the round fails, dropping the trainer, when it does not;
+    the result says whether the site keeps what it receives."""
+    from types import SimpleNamespace
+
+    import torch
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    import client
+    from local_trainer import TrainResult
+
+    class Trainer:
+        keeps_unchanged = True
+
+        def __init__(self):
+            self.unchanged = []
+
+        def validation_file(self):
+            return None
+
+        def train_round(self, global_state, release_global_state=False, round_num=None, unchanged=(), **options):
+            self.unchanged.append(set(unchanged))
+            return TrainResult(update={"lm.w": torch.zeros(2)}, metrics={"samples": 1.0})
+
+    def task(names: list[str], left_out: list[str]) -> FLModel:
+        params = {name: torch.ones(2) for name in names}
+        return FLModel(params_type=ParamsType.FULL, params=params, meta={NOT_SENT: left_out} if left_out else {})
+
+    args = SimpleNamespace(trainer="builtin", eval_every=0, eval_samples=0, eval_max_new_tokens=0, eval_only=False)
+    trainer, held = Trainer(), HeldWeights()
+    run = functools.partial(client.train_round, held=held, total_rounds=3, tag="test:", args=args, train_argv=[])
+    trainer, result, error = run(trainer, global_model=task(["lm.w", "visual.w"], []), round_num=0)
+    assert error is None and held.names == {"visual.w"}  # lm.w was trained: no longer as sent
+    trainer, result, error = run(trainer, global_model=task(["lm.w"], ["visual.w"]), round_num=1)
+    assert error is None and trainer.unchanged == [set(), {"visual.w"}]
+    assert "received 1 tensors (0 on disk), 1 left out as this site holds them" in capsys.readouterr().out
+    message = client.update_message(result, None, 0, keeps=trainer.keeps_unchanged)
+    assert message.meta[KEEPS] is True
+
+    trainer, result, error = run(trainer, global_model=task(["visual.w"], ["lm.w"]), round_num=2)
+    assert trainer is None and "left out 1 tensors this site does not hold as sent (e.g. lm.w)" in error
+    assert held.names == set()  # the next trainer is new: it holds nothing as sent
+    assert KEEPS not in client.update_message(None, error, 0).meta

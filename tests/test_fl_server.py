@@ -572,3 +572,39 @@ def test_a_full_disk_keeps_the_last_files_whole_leaves_no_temporary_files_and_sa
         f"error: a save failed (the server log says why: search 'could not write'). {saved} holds the model after "
         f"round 0: continue with --resume_from {saved}"
     ) in err
+
+
+def test_tensors_no_site_updated_are_left_out_for_the_sites_that_keep_what_they_receive(monkeypatch):
+    """The run's first round sends every tensor to every site. Later rounds leave out, for the sites whose last result
+    said they keep what they receive, the tensors no site has sent an update of; the others get the whole model."""
+    from nvflare.app_common.workflows.fedavg import FedAvg
+
+    monkeypatch.setattr(FedAvg, "_aggregate_one_result", lambda self, result: True)
+    controller = fl_server.FaultTolerantFedAvg(num_clients=3, num_rounds=3)
+    sites = ["site-1", "site-2", "site-3"]
+    tensors = {"lm.w#rows=0:2": torch.ones(2), "lm.w#rows=2:4": torch.ones(2), "visual.w": torch.ones(3),
+               "visual.b": torch.ones(1), "merger.w": torch.ones(2)}  # fmt: skip
+    global_model = FLModel(params_type=ParamsType.FULL, params=tensors, current_round=0, meta={"kept": 1})
+
+    def answer(site: str, names: list[str], keeps: bool = True, error: str | None = None) -> None:
+        meta = {"client_name": site, transport.KEEPS: keeps, **({"ERROR": error} if error else {})}
+        controller._aggregate_one_result(FLModel(params={k: torch.zeros(1) for k in names}, meta=meta))
+
+    def tasks() -> dict[str, tuple[set[str], list[str] | None]]:
+        return {site: (set(data.params), data.meta.get(transport.NOT_SENT)) for sites_, data in
+                controller._tasks(global_model, sites) for site in sites_}  # fmt: skip
+
+    assert tasks() == {site: (set(tensors), None) for site in sites}  # the first round: everything to everyone
+    answer("site-1", ["lm.w#rows=0:2", "lm.w#rows=2:4"])
+    answer("site-2", ["lm.w#rows=0:2", "lm.w#rows=2:4", "merger.w"])
+    answer("site-3", [transport.NO_UPDATE], keeps=False, error="OutOfMemoryError")
+    slim = ({"lm.w#rows=0:2", "lm.w#rows=2:4", "merger.w"}, ["visual.b", "visual.w"])
+    assert tasks() == {"site-1": slim, "site-2": slim, "site-3": (set(tensors), None)}
+    slim_task = next(data for sites_, data in controller._tasks(global_model, sites) if "site-1" in sites_)
+    assert slim_task.meta["kept"] == 1 and slim_task.current_round == 0 and "kept" in global_model.meta
+    assert global_model.meta.keys() == {"kept"} and len(global_model.params) == len(tensors)  # the held model whole
+
+    answer("site-3", ["visual.w"])  # a site that trains the vision tower: it travels from now on
+    answer("site-1", ["lm.w#rows=0:2"], keeps=False)  # e.g. the official code's trainer
+    assert tasks() == {"site-1": (set(tensors), None), "site-2": (set(tensors) - {"visual.b"}, ["visual.b"]),
+                       "site-3": (set(tensors) - {"visual.b"}, ["visual.b"])}  # fmt: skip

@@ -246,22 +246,32 @@ def test_global_model_is_fp32_sample_weighted_average_and_broken_site_weighs_not
     )
     assert server_log.count(added) == 2
     # The sites received the global weights to disk, the embedding in row parts, and read them back tensor by
-    # tensor (part by part), not into their memory.
+    # tensor (part by part), not into their memory. In round 1 the tensors no site sent an update of (the frozen
+    # vision tower) were left out for the sites that trained in round 0: they still hold them as sent. site-3, whose
+    # round failed, got the whole model again.
+    untouched = final.keys() - update.keys()
+    slim_keys = transport.leave_out(global_keys, untouched)
+    assert any(k.startswith("model.visual.blocks.") for k in untouched) and len(slim_keys) < len(global_keys)
     for site in SITE_SIZES:
         site_log = (ws / site / "log.txt").read_text()
         assert f"site={site}: global weights are received to disk" in site_log
-        for rnd in (0, 1):
-            received = f"site={site} round={rnd}: received {len(global_keys)} tensors ({len(global_keys)} on disk)"
-            assert received in site_log
+        slim = f"{len(slim_keys)} tensors ({len(slim_keys)} on disk), {len(untouched)} left out as this site holds them"
+        for rnd, received in ((0, f"{len(global_keys)} tensors ({len(global_keys)} on disk)\n"), (1, slim)):
+            assert f"site={site} round={rnd}: received {received}" in site_log
             assert f"site={site} round={rnd}: sent {len(update_keys)} tensors" in site_log
         assert not any((site_app(ws, site) / "qwen3vl_checkpoints" / "received").iterdir()), "files left behind"
+    left_out = f"site-1, site-2: {len(untouched)} tensors no site has updated this run left out (the sites hold them)"
+    assert server_log.count(f"{left_out}; site-3: the whole model") == 1
     # The console showed the rounds and each site's result, not NVFlare's detail (which is in the logs).
     assert "site-1: accepted with weight 16.0" in proc.stdout and "Round 1 started" in proc.stdout
     assert "GetTaskCommand" not in proc.stdout and "GetTaskCommand" in server_log
     assert "site=site-1 round=0: received" not in proc.stdout
-    # The server serialized each item it sent once for the three sites' downloads (site-3 downloads, then fails).
+    # The server serialized each item it sent once for the three sites' downloads (site-3 downloads, then fails);
+    # in round 1 site-3's whole model and the two others' without the untouched tensors.
     shared = f"the sites' downloads were served {3 * n_global_items} tensor items from {n_global_items} serializations"
-    assert server_log.count(shared) == 2
+    n_slim_items = len(transport.group_keys(slim_keys, dtype=torch.bfloat16))
+    assert server_log.count(shared) == 1
+    assert f"the sites' downloads were served {n_global_items + 2 * n_slim_items} tensor items from" in server_log
     losses = {(r["round"], r["site"]): r["loss"] for r in records if "loss" in r}
     assert losses[(1, "site-1")] < losses[(0, "site-1")], "the tiny model should learn"
     assert "round 1 site-3: weight 0 (failed: rank 0: JSONDecodeError" in proc.stdout

@@ -604,6 +604,22 @@ def test_global_state_that_does_not_fit_is_refused_untouched(trainer, initial_st
         assert all(torch.equal(v, before[k]) for k, v in trainer.state_dict().items())
 
 
+def test_tensors_left_out_as_unchanged_keep_their_values(trainer, initial_state):
+    """A global state without the tensors named `unchanged` loads the others and leaves those as they are; without
+    naming them, their absence is refused."""
+    visual = {k for k in initial_state if k.startswith("model.visual.")}
+    assert visual and trainer.keeps_unchanged
+    shifted = {k: (v.float() + 0.5).to(torch.bfloat16) for k, v in initial_state.items()}
+    trainer.load_global_state(shifted)
+    slim = {k: v for k, v in initial_state.items() if k not in visual}
+    with pytest.raises(ValueError, match="missing .*model.visual"):
+        trainer.load_global_state(slim)
+    trainer.load_global_state(slim, unchanged=visual)
+    now = trainer.state_dict()
+    assert all(torch.equal(now[k], shifted[k]) for k in visual)
+    assert all(torch.equal(now[k], initial_state[k]) for k in slim)
+
+
 def test_fp32_master_weights_keep_a_small_update_and_send_it(trainer, initial_state):
     _small_round(trainer, bf16=True)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"

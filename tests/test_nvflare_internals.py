@@ -128,6 +128,9 @@ def test_fedavg_waits_for_a_rounds_last_result_the_task_check_period_fault_toler
         "FedAvg.run no longer sleeps task_check_period between its checks: fl_server.FaultTolerantFedAvg shortens it"
     )
     assert FaultTolerantFedAvg(num_clients=2, num_rounds=1)._task_check_period == TASK_CHECK_PERIOD
+    assert "while self.get_num_standing_tasks():" in inspect.getsource(FedAvg.run), (
+        "FedAvg.run no longer waits for every task of a round: FaultTolerantFedAvg sends a round as two tasks"
+    )
 
 
 @pytest.mark.parametrize("first", ["transport", "nvflare"])
