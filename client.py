@@ -6,7 +6,9 @@ weights to them in place. Every rank trains. Rank 0 sends the round's update (`P
 weights minus the bf16 weights it started from, in bf16, trained parameters only; with `--peft lora` the adapter's
 trained tensors in fp32) with metrics the server weighs by (`samples`) and logs (`loss`, `steps`, `seconds`, and
 `sent_bytes`: the update's size before compression). A round that fails on this site sends no weights, only the error in
-its meta, so the average ignores it; the site tries again next round.
+its meta, so the average ignores it; the site tries again next round. The built-in trainer keeps its model between
+rounds, so the server may leave out the tensors no site has updated, which the site then holds as they were sent
+(`transport.HeldWeights`).
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
