@@ -234,6 +234,14 @@ def test_lora_job_learns_and_sends_only_the_adapter_in_fp32(lora_run, tiny_model
     for key, value in final.items():  # fp32 precision (a bf16 rounding would be 4e-3 of the largest)
         assert (value.double() - expected[key]).abs().max() <= 1e-6 * expected[key].abs().max(), key
     assert any(not torch.equal(final[k], initial[k]) for k in final if ".lora_B." in k)
+    # The updates stayed in the server's memory (no tensor disk offload for adapters); in round 1 the frozen A
+    # matrices were left out of the sites' tasks, as the sites held them since round 0.
+    server_log = (ws / "server" / "log.txt").read_text()
+    assert server_log.count(f"site(s)' updates over {sum(weights.values()):g} samples to") == 2
+    assert server_log.count("(0 read from disk in 0 files)") == 2
+    a_tensors = sum(".lora_A." in k for k in final)
+    for site in SITE_SIZES:
+        assert f"round=1: received {len(final) - a_tensors} tensors" in (ws / site / "log.txt").read_text()
     # The full 2B model is 4.26 GB a round; the tiny model's B here is a few kB.
     full = sum(v.numel() * 2 for v in load_file(next(Path(tiny_model_dir).glob("*.safetensors"))).values())
     assert b_bytes < 0.01 * full
