@@ -201,8 +201,7 @@ def train_round(
     start, error, result = time.time(), None, None
     try:
         if trainer is None:  # built on first use, and again after a failed round (e.g. the data was fixed)
-            trainer = build_trainer(args.trainer, train_argv)
-            held.forget()
+            trainer = build_trainer(args.trainer, train_argv)  # holds nothing as sent: `held` was forgotten
         global_state, unchanged = None, set()
         if global_model is not None:  # rank 0: the weights (on disk), row parts joined under their tensor's name
             unchanged = held.left_out(global_model.meta)

@@ -662,7 +662,8 @@ class FaultTolerantFedAvg(FedAvg):
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        site, meta = result.meta.get("client_name"), result.meta or {}
+        meta = result.meta
+        site = meta.get("client_name")
         self._answered.add(site)
         if self._untouched is not None:  # any tensor a site sent may have changed: it travels from now on
             self._untouched -= transport.tensor_names(result.params or {})

@@ -828,7 +828,7 @@ class LocalTrainer:
         with torch.no_grad():
             if self.rank == 0 and global_state is not None:
                 for key, tensor in params.items():
-                    if key in global_state or key not in unchanged:
+                    if key in global_state:  # _misfit has checked that any other is `unchanged`
                         copy_into(tensor, global_state[key])  # on the GPU before the cast; parts one by one
             if self.world_size > 1:
                 for tensor in params.values():
