@@ -15,7 +15,7 @@ recompile limit (8), past which the remaining variants run eagerly. Each row say
 `graph_breaks` and `recompile_limit_hits` (0 unless something ran eagerly).
 
 Usage: python bench/bench_lora.py [--tiny] [--steps 20] [--batch 8] [--lora_r 16] [--modes full,lora,lora-naive]
-       [--compile] [--gc] [--busy_steps N] [--records 2000] [--workdir DIR]
+       [--compile] [--gc] [--busy_steps N] [--host_steps N] [--records 2000] [--workdir DIR]
 `--busy_steps N` (GPU) profiles N more steps per mode: `device_busy_step_s`, the GPU's kernel time per step,
 against `steady_step_s` tells a host-bound step (the GPU waits for kernel launches) from a GPU-bound one.
 """
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--compile", action="store_true", help="torch.compile each layer (the trainer's GPU default)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
     ap.add_argument("--busy_steps", type=int, default=0, help="GPU: profile this many more steps for device busy time")
+    ap.add_argument("--host_steps", type=int, default=0, help="print a host profile (cProfile) of this many more steps")
     ap.add_argument("--records", type=int, default=2000, help="synthetic samples to build (--tiny: 64)")
     ap.add_argument("--workdir", default=None, help="where to build the model and data (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = replace(base, **MODES[mode])
         start, compiled = time.time(), {}
         with fresh_compile(compiled):
-            row = run_case(mode, cfg, args.steps, busy_steps=args.busy_steps)
+            row = run_case(mode, cfg, args.steps, busy_steps=args.busy_steps, host_steps=args.host_steps)
         row |= compiled | exchange(cfg) | {"lora_r": args.lora_r if cfg.peft == "lora" else None}
         row["sent_share_of_2b"] = round(row["sent_bytes"] / FULL_2B_BYTES, 4) if not args.tiny else None
         row["wall_s"] = round(time.time() - start, 1)

@@ -144,9 +144,26 @@ def device_busy(trainer: LocalTrainer, steps: int) -> dict:
     return {"device_busy_step_s": round(busy_us / 1e6 / steps, 3), "kernels_per_step": round(len(events) / steps)}
 
 
-def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = None, busy_steps: int = 0) -> dict:
+def host_profile(trainer: LocalTrainer, steps: int, name: str, top: int = 35) -> None:
+    """Print where the host's time goes over a round of `steps` steps (cProfile: Python functions, by own time and
+    by cumulative time), to explain a host-bound step. cProfile slows Python calls, so shares matter, not seconds."""
+    import cProfile
+    import pstats
+
+    trainer.config.max_steps = steps
+    profiler = cProfile.Profile()
+    profiler.runcall(trainer.train_round, None)
+    for order in ("tottime", "cumulative"):
+        print(f"--- host profile of {name}, {steps} steps, by {order}", flush=True)
+        pstats.Stats(profiler).sort_stats(order).print_stats(top)
+
+
+def run_case(
+    name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = None, busy_steps: int = 0, host_steps: int = 0
+) -> dict:
     """Warm up with a 2-step round, then time a `steps`-step round of the same trainer (and, with `busy_steps`,
-    measure the GPU's busy time in a profiled round of that many steps: `device_busy`)."""
+    measure the GPU's busy time in a profiled round of that many steps: `device_busy`; with `host_steps`, print a
+    host profile of a round of that many steps)."""
     timer = StepTimer()
     trainer = LocalTrainer(cfg, callbacks=[timer])
     model = trainer.model
@@ -174,6 +191,8 @@ def run_case(name: str, cfg: TrainConfig, steps: int, profile_to: Path | None = 
         m = trainer.train_round(None).metrics
     steady = sorted(b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False))[len(timer.ends) // 2 - 1]
     busy = device_busy(trainer, busy_steps) if busy_steps and torch.cuda.is_available() else {}
+    if host_steps:
+        host_profile(trainer, host_steps, name)
     loader = loader_rate(trainer, cfg.per_device_train_batch_size, cfg.dataloader_num_workers)
     steady_samples_per_s = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / steady
     samples_per_s = m["samples"] / m["seconds"]
