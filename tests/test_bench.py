@@ -1,4 +1,4 @@
-"""The bench scripts' own parts: `--env` flags, and bench_transfer's transfer phases and CPU per GB from the log."""
+"""The bench scripts' own parts: `--env` flags, bench_transfer's log parsing, bench_lora's compile stats, and more."""
 
 import math
 import os
@@ -163,3 +163,11 @@ def test_bench_lora_compiles_each_mode_from_an_empty_cache():
                     block(torch.ones([1] * rank, dtype=dtype))
             rows.append(stats)
     assert rows == [{"graphs": 3, "graph_breaks": 0, "recompile_limit_hits": 0}] * 3
+
+
+def test_bench_module_walks_times_each_walk_of_the_2b_model_with_and_without_adapters():
+    from bench_module_walks import main
+
+    full, lora = main(["--repeats", "1"])
+    assert lora["modules"] > 3 * full["modules"] and lora["parameters"] > full["parameters"]
+    assert all(row[key] > 0 for row in (full, lora) for key in row if key.endswith("_ms"))

@@ -752,6 +752,15 @@ def test_fedprox_pulls_the_trained_weights_toward_the_global_model(trainer, init
     assert same_step < 1e-3, same_step  # added per micro-batch instead: 0.12
 
 
+def test_round_trainer_counts_flops_as_hugging_face_does(trainer):
+    from transformers import Trainer
+
+    round_trainer = trainer._round_trainer(0, None)
+    inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long)}
+    assert round_trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(round_trainer, inputs) > 0
+    assert round_trainer.floating_point_ops({"pixel_values": torch.ones(3)}) == 0
+
+
 def test_keep_optimizer_state_carries_adam_across_rounds_and_restarts(trainer, initial_state, tmp_path):
     saved = tmp_path / "optimizer.pt"
     _small_round(trainer, learning_rate=1e-3, max_steps=2, output_dir=str(tmp_path))
