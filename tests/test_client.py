@@ -1,6 +1,7 @@
 """client.py on its own: the global weights are received to disk from the first task on."""
 
 import functools
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_the_builtin_trainer_gets_the_run_s_length_and_what_to_evaluate(tmp_path
 
 def test_a_failed_round_is_reported_as_site_training_failed_with_the_trainer_kind(capsys):
     """A trainer that raises: the site reports `site training failed` naming the trainer kind, with a hint, and
-    drops the trainer (a fresh one next round)."""
+    drops the trainer (a fresh one next round), unfreezing what `freeze_long_lived` froze so that it can be freed."""
     from types import SimpleNamespace
 
     import client
@@ -123,10 +124,15 @@ def test_a_failed_round_is_reported_as_site_training_failed_with_the_trainer_kin
             raise FileNotFoundError("data/site-1/train.json")
 
     args = SimpleNamespace(trainer="builtin", eval_every=0, eval_samples=0, eval_max_new_tokens=0, eval_only=False)
+    client.freeze_long_lived(None)
+    assert gc.get_freeze_count() == 0  # nothing to freeze before a trainer exists
+    client.freeze_long_lived(Broken())  # as after its first round
+    assert gc.get_freeze_count() > 0
     trainer, result, error = client.train_round(
         Broken(), HeldWeights(), None, 0, 1, "test:", args, ["--dataset_use", "data/site-1"]
     )
     assert trainer is None and result is None and error.startswith("rank 0: FileNotFoundError")
+    assert gc.get_freeze_count() == 0  # the frozen model of a failed trainer goes back to the collector
     out = capsys.readouterr()
     assert "site training failed (--trainer builtin): rank 0: FileNotFoundError: data/site-1/train.json" in out.err
     assert "test: sent weight 0 (after error) check data/site-1/train.json and --image_root" in out.out
