@@ -8,7 +8,8 @@ trained tensors in fp32) with metrics the server weighs by (`samples`) and logs 
 `sent_bytes`: the update's size before compression). A round that fails on this site sends no weights, only the error in
 its meta, so the average ignores it; the site tries again next round. The built-in trainer keeps its model between
 rounds, so the server may leave out the tensors no site has updated, which the site then holds as they were sent
-(`transport.HeldWeights`).
+(`transport.HeldWeights`). After a trainer's first round the site freezes what lives as long as it (`gc.freeze()`), so
+the collector's passes each round skip the imports and the model.
 
 Flags: `--trainer builtin|qwen`, `--work_dir` (default ./qwen3vl_checkpoints), `--checkpoint last|every` (write the
 site's checkpoint after the last round only, the default, or after every round, keeping the latest), `--save_sent`
