@@ -124,6 +124,7 @@ def test_a_failed_round_is_reported_as_site_training_failed_with_the_trainer_kin
             raise FileNotFoundError("data/site-1/train.json")
 
     args = SimpleNamespace(trainer="builtin", eval_every=0, eval_samples=0, eval_max_new_tokens=0, eval_only=False)
+    gc.unfreeze()  # as a site process starts (an earlier test in this process may have frozen, bench_learning does)
     client.freeze_long_lived(None)
     assert gc.get_freeze_count() == 0  # nothing to freeze before a trainer exists
     client.freeze_long_lived(Broken())  # as after its first round
