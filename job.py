@@ -498,6 +498,7 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
 
     start_round = args.start_round = 0 if args.eval_only else resumed_round(resume, args.peft)
     lora = lora_settings(args)
+    whole_model = lora is None  # multi-GB state dicts travel (not an adapter)
     if start_round:
         print(f"Resuming after round {start_round - 1}: rounds {start_round} to {start_round + args.num_rounds - 1}")
     recipe = ResumingFedAvgRecipe(
@@ -526,12 +527,12 @@ def build_recipe(args: argparse.Namespace, sites: dict[str, str]):
         # gc + malloc_trim every round on the server and in the sites' client API: multi-GB state dicts freed by
         # Python otherwise stay in the allocator's arenas round after round. Adapters are tens of MB: no cleanup,
         # which would cost each round 0.3 s on the server and as much in each site after it sends.
-        server_memory_gc_rounds=1 if lora is None else 0,
-        client_memory_gc_rounds=1 if lora is None else 0,
+        server_memory_gc_rounds=int(whole_model),
+        client_memory_gc_rounds=int(whole_model),
         # The sites' results go to temporary files on the server (under $TMPDIR) instead of its memory; the
         # aggregator averages them tensor by tensor. A LoRA update (37 MB for 2B at r=16) stays in memory: from
         # files its average took 0.13-0.15 s against 0.02 s (bench_aggregate.py --lora_r 16 [--in_memory]).
-        enable_tensor_disk_offload=lora is None,
+        enable_tensor_disk_offload=whole_model,
     )
     per_site = {}
     for i, ((name, folder), devices) in enumerate(zip(sites.items(), site_devices(args), strict=True), start=1):

@@ -680,7 +680,7 @@ def _make_round_trainer_class():
 
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
             # Hugging Face's own count walks every module and parameter each step (2,655 modules with LoRA's
-            # adapters on 2B: 14 ms a step on the development machine): the number cannot change within a round.
+            # adapters on 2B: 6-12 ms a step on the development machine): the number cannot change within a round.
             if "input_ids" not in inputs:
                 return 0
             if self.flops_per_token is None:

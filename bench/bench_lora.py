@@ -18,6 +18,7 @@ Usage: python bench/bench_lora.py [--tiny] [--steps 20] [--batch 8] [--lora_r 16
        [--compile] [--gc] [--busy_steps N] [--host_steps N] [--records 2000] [--workdir DIR]
 `--busy_steps N` (GPU) profiles N more steps per mode: `device_busy_step_s`, the GPU's kernel time per step,
 against `steady_step_s` tells a host-bound step (the GPU waits for kernel launches) from a GPU-bound one.
+`--host_steps N` prints a cProfile of N more steps per mode: where a host-bound step's time goes.
 """
 
 from __future__ import annotations
